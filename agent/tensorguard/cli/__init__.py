@@ -1,0 +1,1 @@
+"""Command-line entry points: `tensorguard` (runs units) and `tgctl` (talks to them)."""

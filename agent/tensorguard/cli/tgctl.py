@@ -1,0 +1,301 @@
+"""`tgctl`: the one CLI people type; a thin layer over the units' control sockets."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from .. import UNITS, __version__
+from ..config import DEFAULT_CONFIG, ConfigError, load_config
+from ..config.loader import read_merged
+from ..config.reference import dumps, example_config
+from ..control import ControlClient, RpcError, UnitUnavailable
+from ..control.protocol import PERMISSION_DENIED
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_NOT_RUNNING = 3
+EXIT_DENIED = 4
+
+DEFAULT_SOCKET_DIR = Path("/run/tensorguard")
+
+EPILOG = f"""\
+exit status:
+  {EXIT_OK}  success
+  {EXIT_FAILED}  the command failed (invalid config, reload refused, error from a unit)
+  {EXIT_USAGE}  usage error
+  {EXIT_NOT_RUNNING}  a unit asked for is not running
+  {EXIT_DENIED}  permission denied (run as root or as a member of group 'tensorguard')
+
+environment:
+  TENSORGUARD_CONFIG      main config file (default {DEFAULT_CONFIG})
+  TENSORGUARD_SOCKET_DIR  socket directory (default: agent.socket_dir of the config,
+                          else {DEFAULT_SOCKET_DIR})
+
+examples:
+  tgctl status                     one line per unit
+  tgctl --json status              the same as JSON
+  tgctl config validate            check /etc/tensorguard/agent.toml and agent.d/
+  tgctl --unit identity config reload
+"""
+
+
+class Failure(Exception):
+    """A command failed; ``code`` is the exit status."""
+
+    def __init__(self, message: str, code: int = EXIT_FAILED) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class Ctl:
+    """Resolved options shared by the subcommands."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.json: bool = args.json
+        self.timeout: float = args.timeout
+        self.config = Path(args.config or os.environ.get("TENSORGUARD_CONFIG") or DEFAULT_CONFIG)
+        self.units: list[str] = [args.unit] if args.unit else list(UNITS)
+        self.unit_given = args.unit is not None
+        self.socket_dir = self._socket_dir(args.socket_dir)
+
+    def _socket_dir(self, given: Path | None) -> Path:
+        if given:
+            return given
+        if os.environ.get("TENSORGUARD_SOCKET_DIR"):
+            return Path(os.environ["TENSORGUARD_SOCKET_DIR"])
+        # Read the raw files: the socket must be found even when a drop-in is invalid.
+        agent = read_merged(self.config)[1].get("agent")
+        found = agent.get("socket_dir") if isinstance(agent, dict) else None
+        return Path(found) if isinstance(found, str) and found.startswith("/") else (
+            DEFAULT_SOCKET_DIR)
+
+    def socket(self, unit: str) -> Path:
+        return self.socket_dir / f"{unit}.sock"
+
+    def call(self, unit: str, method: str, params: dict[str, Any] | None = None) -> Any:
+        try:
+            with ControlClient(self.socket(unit), self.timeout) as client:
+                return client.call(method, params)
+        except UnitUnavailable as exc:
+            raise Failure(f"{unit}: not running ({exc.strerror})", EXIT_NOT_RUNNING) from None
+        except PermissionError:
+            raise Failure(f"{unit}: permission denied on {self.socket(unit)}; run as root or "
+                          "as a member of group 'tensorguard'", EXIT_DENIED) from None
+        except RpcError as exc:
+            code = EXIT_DENIED if exc.code == PERMISSION_DENIED else EXIT_FAILED
+            raise Failure(f"{unit}: {exc.message}", code) from None
+        except (OSError, ValueError) as exc:
+            raise Failure(f"{unit}: {self.socket(unit)}: {exc}") from None
+
+    def emit(self, data: Any, text: str) -> None:
+        print(json.dumps(data, indent=2) if self.json else text)
+
+
+def cmd_status(ctl: Ctl) -> int:
+    rows = []
+    worst = EXIT_OK
+    for unit in ctl.units:
+        try:
+            health = ctl.call(unit, "sys.health")
+            rows.append({"unit": unit, "running": True, "version": ctl.call(unit, "sys.version")
+                         ["version"], "config_generation": health["config_generation"],
+                         "status": health["status"], "subsystem": health["subsystem"],
+                         "pid": health["pid"], "uptime_s": health["uptime_s"]})
+        except Failure as exc:
+            worst = max(worst, exc.code)
+            rows.append({"unit": unit, "running": False, "error": str(exc).split(": ", 1)[1],
+                         "exit_code": exc.code})
+    lines = [f"{'UNIT':<9} {'STATE':<12} {'VERSION':<8} {'CONFIG':<7} SUBSYSTEM"]
+    for row in rows:
+        if row["running"]:
+            sub = row["subsystem"]
+            lines.append(f"{row['unit']:<9} {'running':<12} {row['version']:<8} "
+                         f"{'gen ' + str(row['config_generation']):<7} "
+                         f"{sub['state']}: {sub['detail']}")
+        else:
+            lines.append(f"{row['unit']:<9} {'not running':<12} {'-':<8} {'-':<7} {row['error']}")
+    ctl.emit({"units": rows}, "\n".join(lines))
+    return worst
+
+
+def cmd_config_validate(ctl: Ctl, file: Path | None) -> int:
+    path = file or ctl.config
+    try:
+        loaded = load_config(path)
+    except ConfigError as exc:
+        ctl.emit({"valid": False, "errors": [i.as_dict() for i in exc.issues]},
+                 "\n".join(str(i) for i in exc.issues))
+        return EXIT_FAILED
+    ctl.emit({"valid": True, "sources": list(loaded.sources)},
+             f"valid: {', '.join(loaded.sources)}")
+    return EXIT_OK
+
+
+def _first_running(ctl: Ctl, method: str) -> tuple[str, Any]:
+    failure: Failure | None = None
+    for unit in ctl.units:
+        try:
+            return unit, ctl.call(unit, method)
+        except Failure as exc:
+            if exc.code != EXIT_NOT_RUNNING:
+                raise
+            failure = exc
+    assert failure is not None
+    raise Failure("no unit is running" if not ctl.unit_given else str(failure), EXIT_NOT_RUNNING)
+
+
+def cmd_config_show(ctl: Ctl) -> int:
+    unit, shown = _first_running(ctl, "config.show")
+    header = [f"# running config of {unit}, generation {shown['generation']}",
+              *(f"# from {src}" for src in shown["sources"])]
+    if shown.get("last_reload_error"):
+        header.append("# last reload was refused:")
+        header += [f"#   {e['file']}: {e['key']}: {e['message']}" for e in
+                   shown["last_reload_error"]]
+    ctl.emit({"unit": unit, **shown}, "\n".join(header) + "\n" + dumps(shown["config"]))
+    return EXIT_OK
+
+
+def cmd_config_reload(ctl: Ctl) -> int:
+    results: dict[str, Any] = {}
+    worst = EXIT_OK
+    lines = []
+    running = 0
+    for unit in ctl.units:
+        try:
+            res = ctl.call(unit, "config.reload")
+        except Failure as exc:
+            if exc.code == EXIT_NOT_RUNNING and not ctl.unit_given:
+                results[unit] = {"running": False}
+                continue
+            worst = max(worst, exc.code)
+            results[unit] = {"error": str(exc)}
+            lines.append(str(exc))
+            running += exc.code != EXIT_NOT_RUNNING
+            continue
+        running += 1
+        results[unit] = res
+        lines.append(f"{unit}: reloaded, config generation {res['generation']}"
+                     + ("" if res["changed"] else " (unchanged)"))
+    if not running and not ctl.unit_given:
+        worst = EXIT_NOT_RUNNING
+        lines.append("no unit is running")
+    if ctl.json:
+        print(json.dumps(results, indent=2))
+    else:
+        for line in lines:
+            print(line, file=sys.stderr if worst else sys.stdout)
+    return worst
+
+
+def cmd_config_example(ctl: Ctl) -> int:
+    sys.stdout.write(example_config())
+    return EXIT_OK
+
+
+def cmd_completion(parser: argparse.ArgumentParser) -> int:
+    words: dict[str, list[str]] = {}
+    valued: set[str] = set()
+
+    def walk(p: argparse.ArgumentParser, path: str) -> None:
+        opts: list[str] = []
+        subs: list[str] = []
+        for action in p._actions:
+            opts += action.option_strings
+            if action.option_strings and action.nargs != 0:
+                valued.update(action.option_strings)
+            if isinstance(action, argparse._SubParsersAction):
+                for name, child in action.choices.items():
+                    subs.append(name)
+                    walk(child, f"{path} {name}".strip())
+            elif not action.option_strings and action.choices:
+                subs += [str(c) for c in action.choices]
+        words[path] = subs + opts
+
+    walk(parser, "")
+    cases = "\n".join(f'    "{k}") opts="{" ".join(v)}" ;;' for k, v in words.items())
+    print(f"""# bash completion for tgctl (generated by `tgctl completion bash`)
+_tgctl() {{
+  local cur="${{COMP_WORDS[COMP_CWORD]}}" path="" w i skip=0 opts
+  for ((i = 1; i < COMP_CWORD; i++)); do
+    w="${{COMP_WORDS[i]}}"
+    if ((skip)); then skip=0; continue; fi
+    case "$w" in
+      {"|".join(sorted(valued))}) skip=1 ;;
+      -*) ;;
+      *) path="${{path:+$path }}$w" ;;
+    esac
+  done
+  case "$path" in
+{cases}
+    *) opts="" ;;
+  esac
+  COMPREPLY=($(compgen -W "$opts" -- "$cur"))
+}}
+complete -F _tgctl tgctl""")
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tgctl", description="Inspect and control the TensorGuard agent's units "
+        "(netguard, identity, fl) through their control sockets.", epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"tgctl {__version__}")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of text")
+    parser.add_argument("--unit", choices=UNITS, help="address one unit (default: all)")
+    parser.add_argument("--config", type=Path, metavar="PATH",
+                        help=f"main config file (default: {DEFAULT_CONFIG})")
+    parser.add_argument("--socket-dir", type=Path, metavar="DIR",
+                        help="directory of the units' sockets")
+    parser.add_argument("--timeout", type=float, default=10.0, metavar="S",
+                        help="seconds to wait for a unit's answer (default: 10)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub.add_parser("status", help="state of each unit (exit 3 if one is not running)",
+                   description="One line per unit: running or not, version, config "
+                   "generation, subsystem state.")
+    config = sub.add_parser("config", help="validate, show or reload the configuration")
+    csub = config.add_subparsers(dest="config_command", required=True, metavar="ACTION")
+    validate = csub.add_parser("validate", help="check a config and its drop-ins without "
+                               "applying it", description="Validate FILE (default: the main "
+                               "config) merged with the agent.d/*.toml drop-ins beside it.")
+    validate.add_argument("file", nargs="?", type=Path, metavar="FILE")
+    csub.add_parser("show", help="the running config of a unit, as TOML")
+    csub.add_parser("reload", help="make running units re-read the config (refused if invalid)")
+    csub.add_parser("example", help="print the documented example config")
+    completion = sub.add_parser("completion", help="print a shell completion script")
+    completion.add_argument("shell", choices=["bash"])
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "completion":
+        return cmd_completion(parser)
+    ctl = Ctl(args)
+    commands: dict[tuple[str, str | None], Callable[[], int]] = {
+        ("status", None): lambda: cmd_status(ctl),
+        ("config", "validate"): lambda: cmd_config_validate(ctl, args.file),
+        ("config", "show"): lambda: cmd_config_show(ctl),
+        ("config", "reload"): lambda: cmd_config_reload(ctl),
+        ("config", "example"): lambda: cmd_config_example(ctl),
+    }
+    try:
+        return commands[(args.command, getattr(args, "config_command", None))]()
+    except Failure as exc:
+        print(f"tgctl: {exc}", file=sys.stderr)
+        return exc.code
+    except BrokenPipeError:
+        return EXIT_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,241 @@
+"""The agent's configuration schema: every key, its type, default, allowed range and meaning.
+
+This module is declarative data only; loading, merging and error formatting live in loader.py.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+_IFNAME = re.compile(r"^[^\s/:]{1,15}$")
+_NODE_ID = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+_LABEL = r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?"
+_DNS_NAME = re.compile(rf"^(?=.{{1,253}}$){_LABEL}(\.{_LABEL})*$")
+_GROUP = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
+
+
+def _absolute_path(value: str) -> str:
+    if not value.startswith("/") or "\0" in value:
+        raise ValueError("must be an absolute path")
+    return value
+
+
+def _absolute_path_or_empty(value: str) -> str:
+    return value if value == "" else _absolute_path(value)
+
+
+def _ifname(value: str) -> str:
+    if not _IFNAME.match(value) or value in {".", ".."}:
+        raise ValueError("must be a network interface name (1-15 characters, no '/', ':' or space)")
+    return value
+
+
+def _node_id(value: str) -> str:
+    if not _NODE_ID.match(value):
+        raise ValueError("must be 1-63 characters of a-z, 0-9 and '-', not starting or ending with '-'")
+    return value
+
+
+def _dns_name(value: str) -> str:
+    if not _DNS_NAME.match(value):
+        raise ValueError("must be a lower-case DNS name such as 'fleet.example.com'")
+    return value
+
+
+def _group(value: str) -> str:
+    if not _GROUP.match(value):
+        raise ValueError("must be a POSIX group name")
+    return value
+
+
+def _https_url(value: str) -> str:
+    parts = urlsplit(value)
+    if parts.scheme != "https" or not parts.hostname:
+        raise ValueError("must be an https:// URL with a host name")
+    return value
+
+
+def _host_port(value: str) -> str:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError("must be HOST:PORT with a port in 1..65535")
+    return value
+
+
+AbsolutePath = Annotated[str, AfterValidator(_absolute_path)]
+AbsolutePathOrEmpty = Annotated[str, AfterValidator(_absolute_path_or_empty)]
+InterfaceName = Annotated[str, AfterValidator(_ifname)]
+NodeId = Annotated[str, AfterValidator(_node_id)]
+DnsName = Annotated[str, AfterValidator(_dns_name)]
+GroupName = Annotated[str, AfterValidator(_group)]
+HttpsUrl = Annotated[str, AfterValidator(_https_url)]
+HostPort = Annotated[str, AfterValidator(_host_port)]
+
+
+def setting(default: Any, doc: str, *, allowed: str | None = None, **constraints: Any) -> Any:
+    """Declare a key with its documentation so the example config and README are generated."""
+    extra: dict[str, Any] = {"allowed": allowed} if allowed else {}
+    return Field(default, description=doc, json_schema_extra=extra or None, **constraints)
+
+
+class Section(BaseModel):
+    """Base for config tables: unknown keys and type coercion are errors, values are immutable."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class ControlSettings(Section):
+    """The Unix-socket control API every unit serves."""
+
+    max_frame_bytes: int = setting(
+        1_048_576,
+        "Largest request line accepted on a control socket; a longer one is answered with an "
+        "error and skipped.",
+        ge=1024,
+        le=16 * 1024 * 1024,
+    )
+    client_timeout_s: float = setting(
+        30.0, "A client that sends no complete request for this long is disconnected.", gt=0, le=3600
+    )
+    max_clients: int = setting(
+        64, "Concurrent connections per unit; further clients are refused.", ge=1, le=4096
+    )
+    group: GroupName = setting(
+        "tensorguard",
+        "Members of this group (and root) may call every method on the sockets.",
+        allowed="a POSIX group name",
+    )
+    read_only_public: bool = setting(
+        False,
+        "Let every local user call read-only methods (status, health, version, config.show). The "
+        "socket is then created world-accessible; the peer-credential check still guards the "
+        "other methods.",
+    )
+
+
+class AgentSettings(Section):
+    """Settings shared by the three units."""
+
+    node_id: NodeId | None = setting(
+        None,
+        "This robot's node identifier, used in its SPIFFE ID and in metrics. Unset: the host name.",
+        allowed="1-63 characters of a-z, 0-9 and '-'",
+    )
+    socket_dir: AbsolutePath = setting(
+        "/run/tensorguard",
+        "Directory holding the units' control sockets (netguard.sock, identity.sock, fl.sock).",
+        allowed="an absolute path",
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = setting(
+        "info", "Least severe log message written to the journal."
+    )
+    metrics_dir: AbsolutePathOrEmpty = setting(
+        "/var/lib/prometheus/node-exporter",
+        "node-exporter textfile-collector directory that receives tensorguard_<unit>.prom; "
+        "empty disables metrics.",
+        allowed='an absolute path or ""',
+    )
+    metrics_interval_s: float = setting(
+        15.0, "Seconds between two metrics writes.", ge=1, le=3600
+    )
+    control: ControlSettings = ControlSettings()
+
+
+class DefenceSettings(Section):
+    """Which traffic-analysis defence shapes protected flows, and its cost limits."""
+
+    kind: Literal["none", "cbr", "front", "wtfpad", "regulator"] = setting(
+        "none", "Defence machine applied to protected flows."
+    )
+    rate_hz: float = setting(
+        50.0, "Packet slots per second of the constant-rate and rate-regulation defences.",
+        gt=0, le=100_000,
+    )
+    max_padding_fraction: float = setting(
+        0.5, "Upper bound on the share of sent bytes that are padding.", ge=0, le=0.95
+    )
+    max_added_delay_ms: float = setting(
+        50.0, "Upper bound on the delay the defence may add to one packet.", ge=0, le=10_000
+    )
+
+
+class NetworkSettings(Section):
+    """netguard: traffic-analysis defence on the robot's uplink."""
+
+    enabled: bool = setting(False, "Run the netguard datapath.")
+    interfaces: list[InterfaceName] = setting(
+        [], "Uplink interfaces whose traffic is observed and shaped.", allowed="interface names"
+    )
+    fail_mode: Literal["open", "closed"] = setting(
+        "closed",
+        "What happens to protected traffic when the shaper is not running: 'closed' drops it, "
+        "'open' lets it through unshaped.",
+    )
+    defence: DefenceSettings = DefenceSettings()
+
+
+class IdentitySettings(Section):
+    """identity: short-lived machine certificates."""
+
+    enabled: bool = setting(False, "Enrol with the control plane and keep a certificate current.")
+    server_url: HttpsUrl | None = setting(
+        None, "Control plane (EST) base URL. Unset: no enrolment.", allowed="an https:// URL"
+    )
+    trust_domain: DnsName = setting(
+        "tensorguard.local",
+        "SPIFFE trust domain: certificates name spiffe://<trust_domain>/robot/<node_id>.",
+        allowed="a lower-case DNS name",
+    )
+    key_type: Literal["ecdsa-p256", "ed25519"] = setting(
+        "ecdsa-p256", "Algorithm of the key generated on the robot."
+    )
+    renew_fraction: float = setting(
+        0.5, "Renew when this fraction of the certificate lifetime has elapsed.", gt=0, lt=1
+    )
+    renew_jitter: float = setting(
+        0.1, "Random spread (as a fraction of the lifetime) added to the renewal time.", ge=0, le=0.5
+    )
+    state_dir: AbsolutePath = setting(
+        "/var/lib/tensorguard/identity", "Where the key and certificate are kept.",
+        allowed="an absolute path",
+    )
+
+
+class FlSettings(Section):
+    """fl: federated learning client."""
+
+    enabled: bool = setting(False, "Run the Flower SuperNode and take part in training rounds.")
+    superlink: HostPort | None = setting(
+        None, "Flower SuperLink address. Unset: no training.", allowed="HOST:PORT"
+    )
+    state_dir: AbsolutePath = setting(
+        "/var/lib/tensorguard/fl", "Local training state and datasets.", allowed="an absolute path"
+    )
+
+
+class ServerSettings(Section):
+    """tensorguard-server: the control plane."""
+
+    host: str = setting("127.0.0.1", "Address the control plane's HTTPS API listens on.",
+                        min_length=1, max_length=253)
+    port: int = setting(8000, "TCP port of the control plane's API.", ge=1, le=65535)
+    database_url: str = setting(
+        "sqlite:////var/lib/tensorguard/server/server.db",
+        "Storage: sqlite:///PATH or postgresql://...",
+        pattern=r"^(sqlite:///|postgresql://)",
+        allowed="sqlite:///PATH or postgresql://URL",
+    )
+
+
+class AgentConfig(Section):
+    """The whole of agent.toml after drop-ins are merged."""
+
+    agent: AgentSettings = AgentSettings()
+    network: NetworkSettings = NetworkSettings()
+    identity: IdentitySettings = IdentitySettings()
+    fl: FlSettings = FlSettings()
+    server: ServerSettings = ServerSettings()

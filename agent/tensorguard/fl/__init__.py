@@ -1,0 +1,1 @@
+"""fl: federated learning client."""

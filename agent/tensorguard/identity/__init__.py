@@ -1,0 +1,1 @@
+"""identity: short-lived machine certificates."""

@@ -1,0 +1,1 @@
+"""netguard: traffic-analysis defence for robot uplinks."""

@@ -1,0 +1,1 @@
+"""Unit life cycle: config store, the three services, systemd notification, metrics."""
