@@ -76,10 +76,24 @@ class Served:
         self.server = ControlServer(path, collect(self.service), limits, policy)
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
-        asyncio.run_coroutine_threadsafe(self.server.start(), self.loop).result(5)
+        try:
+            asyncio.run_coroutine_threadsafe(self.server.start(), self.loop).result(5)
+        except BaseException:
+            self._stop_loop()
+            raise
 
     def close(self) -> None:
         asyncio.run_coroutine_threadsafe(self.server.close(), self.loop).result(5)
+        self._stop_loop()
+
+    def _stop_loop(self) -> None:
+        async def drain() -> None:
+            others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in others:
+                task.cancel()
+            await asyncio.gather(*others, return_exceptions=True)
+
+        asyncio.run_coroutine_threadsafe(drain(), self.loop).result(5)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(5)
         self.loop.close()

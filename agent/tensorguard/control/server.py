@@ -108,10 +108,12 @@ class ControlServer:
         """Stop accepting, end open connections, and remove the socket file if it is still ours."""
         if self._server is not None:
             self._server.close()
-        for task in list(self._clients):
-            task.cancel()
-        if self._clients:
-            await asyncio.gather(*self._clients, return_exceptions=True)
+        await asyncio.sleep(0)  # let connections accepted just before close() register
+        while self._clients:
+            pending = list(self._clients)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
         if self._server is not None:
             await self._server.wait_closed()
             self._server = None
