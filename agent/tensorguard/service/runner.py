@@ -89,15 +89,11 @@ class Runner:
     def reload(self) -> None:
         self.notifier.reloading()
         try:
-            result = self.store.reload()
+            self.store.reload()  # logs the outcome
         except ConfigError as exc:
-            for issue in exc.issues:
-                log.error("config reload refused: %s", issue)
             self.notifier.reloaded(f"config reload refused ({len(exc.issues)} error(s)); "
                                    + self.status_line())
             return
-        log.info("config reloaded: generation %d%s", result.generation,
-                 "" if result.changed else " (unchanged)")
         self.notifier.reloaded(self.status_line())
 
     async def watchdog(self, interval: float) -> None:

@@ -53,14 +53,18 @@ class ConfigStore:
         except ConfigError as exc:
             self.reloads_refused += 1
             self.last_error = exc.issues
+            for issue in exc.issues:
+                log.error("config reload refused, keeping generation %d: %s", self.generation, issue)
             raise
         self.reloads_ok += 1
         self.last_error = None
         if new.digest == self.current.digest:
+            log.info("config reloaded: unchanged, generation %d", self.generation)
             return ReloadResult(self.generation, False, new.sources)
         self.current = new
         self.generation += 1
         self.loaded_at = self.clock()
+        log.info("config reloaded: generation %d from %s", self.generation, ", ".join(new.sources))
         for listener in self._listeners:
             listener(new)
         return ReloadResult(self.generation, True, new.sources)
