@@ -91,7 +91,7 @@ class ControlServer:
             raise
         finally:
             os.umask(old_umask)
-        if self.policy.gid is not None:
+        if self.policy.gid is not None and os.stat(self.path).st_gid != self.policy.gid:
             try:
                 os.chown(self.path, -1, self.policy.gid)
             except PermissionError:
