@@ -30,6 +30,10 @@ class UnitService:
     """Base of the three units; subclasses say what their subsystem is doing."""
 
     name: ClassVar[str] = ""
+    section: ClassVar[str] = ""
+    """The config table with this unit's ``enabled`` switch."""
+    not_built: ClassVar[str] = ""
+    """What an operator must know when the subsystem is enabled but not part of this release."""
 
     def __init__(self, store: ConfigStore, clock: Callable[[], float] = time.monotonic) -> None:
         self.store = store
@@ -37,7 +41,10 @@ class UnitService:
         self.started = clock()
 
     def subsystem(self) -> SubsystemState:
-        raise NotImplementedError
+        if not getattr(self.store.current.config, self.section).enabled:
+            return SubsystemState("disabled", f"[{self.section}] enabled = false")
+        return SubsystemState("unavailable", f"enabled in config, but {self.not_built}",
+                              healthy=False)
 
     def metric_families(self) -> list[Family]:
         """Subsystem metrics; units with a datapath add theirs."""
