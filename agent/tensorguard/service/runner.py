@@ -12,7 +12,7 @@ from pathlib import Path
 
 from .. import __version__
 from ..config import ConfigError, LoadedConfig
-from ..control import AccessPolicy, ControlServer, ServerLimits, SocketInUse, collect
+from ..control import AccessPolicy, ControlServer, ServerLimits, SocketInUse
 from . import logs
 from .metrics import Family, render, write_atomic
 from .sdnotify import Notifier, watchdog_interval
@@ -57,7 +57,7 @@ class Runner:
     async def start(self) -> None:
         socket_dir = Path(self.store.current.config.agent.socket_dir)
         for service in self.services:
-            server = ControlServer(socket_dir / f"{service.name}.sock", collect(service),
+            server = ControlServer(socket_dir / f"{service.name}.sock", service.methods,
                                    limits_of(self.store.current), policy_of(self.store.current))
             await server.start()
             self.servers.append(server)

@@ -7,11 +7,12 @@ import platform
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from functools import cached_property
 from typing import Any, ClassVar
 
 from .. import __version__
 from ..config import ConfigError
-from ..control import PROTOCOL_VERSION, RpcError, collect, export
+from ..control import PROTOCOL_VERSION, Method, RpcError, collect, export
 from ..control.protocol import CONFIG_INVALID
 from .metrics import Family
 from .store import ConfigStore
@@ -40,6 +41,11 @@ class UnitService:
         self.clock = clock
         self.started = clock()
 
+    @cached_property
+    def methods(self) -> dict[str, Method]:
+        """The exported methods, bound to this instance (what the control socket serves)."""
+        return collect(self)
+
     def subsystem(self) -> SubsystemState:
         if not getattr(self.store.current.config, self.section).enabled:
             return SubsystemState("disabled", f"[{self.section}] enabled = false")
@@ -54,7 +60,7 @@ class UnitService:
     def hello(self) -> dict[str, Any]:
         """Protocol handshake: protocol version, unit name and the methods it serves."""
         return {"protocol": PROTOCOL_VERSION, "unit": self.name, "version": __version__,
-                "methods": sorted(collect(self))}
+                "methods": sorted(self.methods)}
 
     @export("sys.version", read_only=True)
     def version(self) -> dict[str, Any]:
