@@ -24,13 +24,30 @@ EXIT_NOT_RUNNING = 3
 EXIT_DENIED = 4
 
 DEFAULT_SOCKET_DIR = Path("/run/tensorguard")
+UNIT_DIRS = (Path("/etc/systemd/system"), Path("/lib/systemd/system"), Path("/usr/lib/systemd/system"))
+
+
+def installed_units(unit_dirs: tuple[Path, ...] = UNIT_DIRS) -> tuple[list[str], list[str]]:
+    """Units to expect, and units not installed.
+
+    On a packaged system (tensorguard-agent.target is installed) a unit whose service file is
+    absent, such as fl without the tensorguard-fl package, is not expected to run. Elsewhere
+    (a development checkout) all three are.
+    """
+    def has(name: str) -> bool:
+        return any((d / name).exists() for d in unit_dirs)
+
+    if not has("tensorguard-agent.target"):
+        return list(UNITS), []
+    present = [u for u in UNITS if has(f"tensorguard-{u}.service")]
+    return present, [u for u in UNITS if u not in present]
 
 EPILOG = f"""\
 exit status:
   {EXIT_OK}  success
   {EXIT_FAILED}  the command failed (invalid config, reload refused, error from a unit)
   {EXIT_USAGE}  usage error
-  {EXIT_NOT_RUNNING}  a unit asked for is not running
+  {EXIT_NOT_RUNNING}  a unit asked for is not running (without --unit: an installed unit)
   {EXIT_DENIED}  permission denied (run as root or as a member of group 'tensorguard')
 
 environment:
@@ -61,7 +78,7 @@ class Ctl:
         self.json: bool = args.json
         self.timeout: float = args.timeout
         self.config = Path(args.config or os.environ.get("TENSORGUARD_CONFIG") or DEFAULT_CONFIG)
-        self.units: list[str] = [args.unit] if args.unit else list(UNITS)
+        self.units, self.not_installed = ([args.unit], []) if args.unit else installed_units()
         self.unit_given = args.unit is not None
         self.socket_dir = self._socket_dir(args.socket_dir)
 
@@ -112,15 +129,19 @@ def cmd_status(ctl: Ctl) -> int:
             worst = max(worst, exc.code)
             rows.append({"unit": unit, "running": False, "error": str(exc).split(": ", 1)[1],
                          "exit_code": exc.code})
-    lines = [f"{'UNIT':<9} {'STATE':<12} {'VERSION':<8} {'CONFIG':<7} SUBSYSTEM"]
+    rows += [{"unit": unit, "running": False, "installed": False} for unit in ctl.not_installed]
+    lines = [f"{'UNIT':<9} {'STATE':<13} {'VERSION':<8} {'CONFIG':<7} SUBSYSTEM"]
     for row in rows:
         if row["running"]:
             sub = row["subsystem"]
-            lines.append(f"{row['unit']:<9} {'running':<12} {row['version']:<8} "
+            lines.append(f"{row['unit']:<9} {'running':<13} {row['version']:<8} "
                          f"{'gen ' + str(row['config_generation']):<7} "
                          f"{sub['state']}: {sub['detail']}")
+        elif row.get("installed") is False:
+            lines.append(f"{row['unit']:<9} {'not installed':<13} {'-':<8} {'-':<7} "
+                         f"package tensorguard-{row['unit']} is not installed")
         else:
-            lines.append(f"{row['unit']:<9} {'not running':<12} {'-':<8} {'-':<7} {row['error']}")
+            lines.append(f"{row['unit']:<9} {'not running':<13} {'-':<8} {'-':<7} {row['error']}")
     ctl.emit({"units": rows}, "\n".join(lines))
     return worst
 
