@@ -11,6 +11,7 @@ demo: deps venv
 	packaging/demo
 
 test: deps venv lint debs
+	packaging/check-units
 	TG_REQUIRE_E2E=1 $(BIN)/pytest -p no:cacheprovider tests
 
 deps:
