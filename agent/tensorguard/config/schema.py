@@ -5,11 +5,12 @@ This module is declarative data only; loading, merging and error formatting live
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 _IFNAME = re.compile(r"^[^\s/:]{1,15}$")
 _NODE_ID = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
@@ -66,6 +67,30 @@ def _host_port(value: str) -> str:
     return value
 
 
+def _prefix(value: str) -> str:
+    try:
+        return str(ipaddress.ip_network(value, strict=True))
+    except ValueError as exc:
+        raise ValueError(f"must be an IP prefix such as 10.203.0.0/16 or fd00::/64 ({exc})") from None
+
+
+def _port_range(value: str) -> str:
+    low, sep, high = value.partition("-")
+    ok = low.isdigit() and (not sep or high.isdigit())
+    if ok:
+        lo, hi = int(low), int(high) if sep else int(low)
+        ok = 1 <= lo <= hi <= 65535
+    if not ok:
+        raise ValueError("must be a port or a range LOW-HIGH within 1..65535")
+    return value
+
+
+def _unit_name(value: str) -> str:
+    if not re.match(r"^[A-Za-z0-9:_.\\@-]+\.(service|scope|slice)$", value):
+        raise ValueError("must be a systemd unit name ending in .service, .scope or .slice")
+    return value
+
+
 AbsolutePath = Annotated[str, AfterValidator(_absolute_path)]
 AbsolutePathOrEmpty = Annotated[str, AfterValidator(_absolute_path_or_empty)]
 InterfaceName = Annotated[str, AfterValidator(_ifname)]
@@ -74,6 +99,9 @@ DnsName = Annotated[str, AfterValidator(_dns_name)]
 GroupName = Annotated[str, AfterValidator(_group)]
 HttpsUrl = Annotated[str, AfterValidator(_https_url)]
 HostPort = Annotated[str, AfterValidator(_host_port)]
+Prefix = Annotated[str, AfterValidator(_prefix)]
+PortRange = Annotated[str, AfterValidator(_port_range)]
+UnitName = Annotated[str, AfterValidator(_unit_name)]
 
 
 def setting(default: Any, doc: str, *, allowed: str | None = None, **constraints: Any) -> Any:
@@ -163,6 +191,28 @@ class DefenceSettings(Section):
     )
 
 
+class ProtectedFlow(Section):
+    """One selector of traffic to protect ([[network.protect]] tables)."""
+
+    name: str = setting("flow", "Label used in stats and logs.", min_length=1, max_length=32,
+                        pattern=r"^[A-Za-z0-9_.-]+$", allowed="1-32 characters of A-Z a-z 0-9 _ . -")
+    destination: Prefix = setting("0.0.0.0/0", "Remote prefix the protected traffic goes to.",
+                                  allowed="an IPv4 or IPv6 prefix")
+    protocol: Literal["tcp", "udp", "any"] = setting("udp", "Transport protocol of the flow.")
+    ports: PortRange | None = setting(
+        None, "Remote port or LOW-HIGH range (tcp or udp only). Unset: all ports.",
+        allowed="a port or LOW-HIGH")
+    unit: UnitName | None = setting(
+        None, "Only traffic sent by this systemd unit (matched by its cgroup). Unset: any sender.",
+        allowed="a systemd unit name")
+
+    @model_validator(mode="after")
+    def _ports_need_a_protocol(self) -> ProtectedFlow:
+        if self.ports is not None and self.protocol == "any":
+            raise ValueError("ports need protocol = \"tcp\" or \"udp\"")
+        return self
+
+
 class NetworkSettings(Section):
     """netguard: traffic-analysis defence on the robot's uplink."""
 
@@ -175,6 +225,9 @@ class NetworkSettings(Section):
         "What happens to protected traffic when the shaper is not running: 'closed' drops it, "
         "'open' lets it through unshaped.",
     )
+    protect: list[ProtectedFlow] = setting(
+        [], "Flows to protect, as [[network.protect]] tables.", allowed="tables of name, "
+        "destination, protocol, ports, unit")
     defence: DefenceSettings = DefenceSettings()
 
 
