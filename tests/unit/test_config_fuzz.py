@@ -41,6 +41,7 @@ BAD_STRINGS: dict[str, list[str]] = {
     "agent.control.group": ["", "UPPER", "9lives", "a b"],
     "network.fail_mode": ["ajar", ""],
     "network.defence.kind": ["magic", "CBR"],
+    "network.defence.wtfpad.histograms": ["relative.json", ""],
     "identity.server_url": ["ftp://h", "http://h", "https://", "no url"],
     "identity.trust_domain": ["UPPER.example", "-x-", "a..b", ""],
     "identity.key_type": ["rsa", ""],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import tomllib
 from pathlib import Path
 
@@ -38,7 +39,7 @@ def test_every_key_is_documented() -> None:
 
 
 def test_uncommented_example_is_valid_and_equal_to_defaults(tmp_path: Path) -> None:
-    lines = [line[1:] if line.startswith("#") and " = " in line else line
+    lines = [line[1:] if re.match(r"^#[a-z_]+ = ", line) else line
              for line in example_config().splitlines()]
     (tmp_path / "agent.toml").write_text("\n".join(lines) + "\n")
     assert load_config(tmp_path / "agent.toml").config == AgentConfig()

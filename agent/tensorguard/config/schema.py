@@ -173,6 +173,44 @@ class AgentSettings(Section):
     control: ControlSettings = ControlSettings()
 
 
+class FrontSettings(Section):
+    """FRONT's parameters (Gong & Wang 2020)."""
+
+    max_dummies: int = setting(
+        1700, "Largest padding budget per direction and trace; each trace draws 1..this many.",
+        ge=0, le=100_000)
+    window_min_s: float = setting(
+        1.0, "Smallest Rayleigh window (seconds) a trace may draw.", gt=0, le=600)
+    window_max_s: float = setting(
+        14.0, "Largest Rayleigh window (seconds) a trace may draw.", gt=0, le=600)
+    trace_gap_s: float = setting(
+        5.0, "Seconds of silence after which the next packet starts a new trace.", gt=0, le=3600)
+
+    @model_validator(mode="after")
+    def _window_order(self) -> FrontSettings:
+        if self.window_min_s > self.window_max_s:
+            raise ValueError("window_min_s must be <= window_max_s")
+        return self
+
+
+class RegulatorSettings(Section):
+    """The rate-regulation defence's parameters (after Holland & Hopper 2022)."""
+
+    decay: float = setting(0.9, "Per-second decay factor of the surge rate.", gt=0, lt=1)
+    min_rate_hz: float = setting(
+        10.0, "Rate below which padding stops and held packets drain.", gt=0, le=100_000)
+    surge_threshold: int = setting(
+        4, "Held packets beyond which a new surge starts at rate_hz.", ge=1, le=10_000)
+
+
+class WtfPadSettings(Section):
+    """WTF-PAD's parameters (Juarez et al. 2016)."""
+
+    histograms: AbsolutePath | None = setting(
+        None, "JSON file with the burst and gap histograms learned from undefended traces; "
+        "required when kind = \"wtfpad\".", allowed="an absolute path")
+
+
 class DefenceSettings(Section):
     """Which traffic-analysis defence shapes protected flows, and its cost limits."""
 
@@ -189,6 +227,21 @@ class DefenceSettings(Section):
     max_added_delay_ms: float = setting(
         50.0, "Upper bound on the delay the defence may add to one packet.", ge=0, le=10_000
     )
+    burst: int = setting(1, "Packets the constant-rate defence may release in one slot.", ge=1, le=64)
+    pad: bool = setting(False, "Constant-rate defence: fill empty slots with dummies (within the "
+                        "padding cap).")
+    dummy_size: int = setting(512, "Payload bytes of one dummy packet.", ge=1, le=1472)
+    front: FrontSettings = FrontSettings()
+    regulator: RegulatorSettings = RegulatorSettings()
+    wtfpad: WtfPadSettings = WtfPadSettings()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> DefenceSettings:
+        if self.kind == "wtfpad" and self.wtfpad.histograms is None:
+            raise ValueError('kind = "wtfpad" needs wtfpad.histograms (a learned histogram file)')
+        if self.kind == "regulator" and self.regulator.min_rate_hz > self.rate_hz:
+            raise ValueError("regulator.min_rate_hz must be <= rate_hz")
+        return self
 
 
 class ProtectedFlow(Section):
