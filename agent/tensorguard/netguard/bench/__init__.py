@@ -1,0 +1,1 @@
+"""`tensorguard bench datapath`: the datapath measured against the same traffic without the agent."""

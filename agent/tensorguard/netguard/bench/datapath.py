@@ -1,0 +1,165 @@
+"""The datapath benchmark: the same UDP and TCP traffic through each datapath case, in one run.
+
+Robot and peer live in their own network namespaces (tensorguard.netguard.testbed). For every
+case and protocol the benchmark measures
+* capacity: messages/s delivered when the sender goes as fast as it can;
+* CPU per message: busy CPU time of the whole machine (/proc/stat) over the run, per message;
+* latency: one-way p50/p99 at a moderate fixed rate, and the added latency against the baseline;
+* loss at 80 % of the case's own capacity (must be zero).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from ..testbed import Link
+
+TRAFFIC = [sys.executable, "-m", "tensorguard.netguard.bench.traffic"]
+Setup = Callable[[Link], contextlib.AbstractContextManager[None]]
+
+
+@dataclass(frozen=True)
+class Run:
+    """One measured transfer."""
+
+    sent: int
+    received: int
+    seconds: float
+    cpu_seconds: float
+    latency_p50_ms: float
+    latency_p99_ms: float
+
+    @property
+    def loss(self) -> int:
+        return self.sent - self.received
+
+    @property
+    def rate(self) -> float:
+        return self.received / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def cpu_us_per_message(self) -> float:
+        return self.cpu_seconds / self.received * 1e6 if self.received else float("nan")
+
+
+def busy_cpu_seconds() -> float:
+    """Busy (non-idle, non-iowait) CPU time of the machine so far."""
+    with open("/proc/stat", encoding="ascii") as handle:
+        fields = [int(v) for v in handle.readline().split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def transfer(link: Link, proto: str, count: int, rate: float, *, size: int = 200, port: int = 5201,
+             timeout: float = 3.0) -> Run:
+    """Send ``count`` messages robot → peer at ``rate``/s (0: flat out) and measure them."""
+    receiver = subprocess.Popen(
+        ["ip", "netns", "exec", link.peer_ns, *TRAFFIC, "recv", "--proto", proto, "--bind",
+         link.peer_ip, "--port", str(port), "--count", str(count), "--timeout", str(timeout)],
+        stdout=subprocess.PIPE, text=True)
+    sender = None
+    try:
+        assert receiver.stdout is not None
+        if not receiver.stdout.readline().strip():
+            raise RuntimeError("traffic receiver did not start")
+        sender = subprocess.Popen(
+            ["ip", "netns", "exec", link.robot_ns, *TRAFFIC, "send", "--proto", proto, "--dst",
+             link.peer_ip, "--port", str(port), "--count", str(count), "--rate", str(rate),
+             "--size", str(size), "--wait-for-go"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert sender.stdin is not None and sender.stdout is not None
+        if not sender.stdout.readline().strip():
+            raise RuntimeError("traffic sender did not connect")
+        cpu_before = busy_cpu_seconds()
+        sender.stdin.write("go\n")
+        sender.stdin.flush()
+        sent = json.loads(sender.stdout.readline())
+        got = json.loads(receiver.stdout.readline())
+        cpu = busy_cpu_seconds() - cpu_before
+    finally:
+        for proc in (sender, receiver):
+            if proc is not None:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(timeout + 10)
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+    seconds = max(got["last_ns"] - sent["start_ns"], 1) / 1e9 if got["received"] else 0.0
+    return Run(sent["sent"], got["received"], seconds, cpu, got["latency_ms"]["p50"],
+               got["latency_ms"]["p99"])
+
+
+@dataclass(frozen=True)
+class CaseResult:
+    """Figures of one case and protocol."""
+
+    case: str
+    proto: str
+    capacity_pps: float
+    cpu_us_per_packet: float
+    latency_p50_ms: float
+    latency_p99_ms: float
+    loss_at_80pct: int
+    sent_at_80pct: int
+
+
+def measure_case(link: Link, case: str, proto: str, count: int, latency_rate: float) -> CaseResult:
+    flat_out = transfer(link, proto, count, 0.0)
+    steady = transfer(link, proto, count, max(flat_out.rate * 0.8, 1.0))
+    probe = transfer(link, proto, max(int(latency_rate * 2), 200), latency_rate)
+    return CaseResult(case, proto, flat_out.rate, flat_out.cpu_us_per_message, probe.latency_p50_ms,
+                      probe.latency_p99_ms, steady.loss, steady.sent)
+
+
+@contextlib.contextmanager
+def no_agent(link: Link) -> Iterator[None]:
+    """Baseline: nothing between the sockets and the veth."""
+    yield
+
+
+def run_cases(link: Link, cases: dict[str, Setup], protos: tuple[str, ...], *, count: int,
+              latency_rate: float, progress: Callable[[str], None]) -> list[CaseResult]:
+    results = []
+    for name, setup in cases.items():
+        with setup(link):
+            for proto in protos:
+                progress(f"{name} / {proto}: {count} messages flat out, then at 80 %, then latency")
+                results.append(measure_case(link, name, proto, count, latency_rate))
+    return results
+
+
+def as_json(results: list[CaseResult], baseline: str) -> dict[str, Any]:
+    """snake_case figures with units, each case also as a ratio to the baseline."""
+    out: dict[str, Any] = {}
+    base = {r.proto: r for r in results if r.case == baseline}
+    for r in results:
+        entry = {k: v for k, v in asdict(r).items() if k not in {"case", "proto"}}
+        ref = base.get(r.proto)
+        if ref is not None and r.case != baseline:
+            entry["capacity_ratio"] = r.capacity_pps / ref.capacity_pps if ref.capacity_pps else None
+            entry["added_latency_p50_ms"] = r.latency_p50_ms - ref.latency_p50_ms
+            entry["added_latency_p99_ms"] = r.latency_p99_ms - ref.latency_p99_ms
+        out.setdefault(r.case, {})[r.proto] = entry
+    return out
+
+
+def table(results: list[CaseResult], baseline: str) -> str:
+    base = {r.proto: r for r in results if r.case == baseline}
+    head = (f"{'case':<14} {'proto':<5} {'pps':>10} {'ratio':>6} {'cpu us/pkt':>10} "
+            f"{'p50 ms':>8} {'p99 ms':>8} {'+p99 ms':>8} {'loss@80%':>9}")
+    lines = [head, "-" * len(head)]
+    for r in results:
+        ref = base.get(r.proto)
+        ratio = f"{r.capacity_pps / ref.capacity_pps:.3f}" if ref and ref.capacity_pps else "-"
+        added = f"{r.latency_p99_ms - ref.latency_p99_ms:+.3f}" if ref and r.case != baseline else "-"
+        lines.append(f"{r.case:<14} {r.proto:<5} {r.capacity_pps:>10.0f} {ratio:>6} "
+                     f"{r.cpu_us_per_packet:>10.2f} {r.latency_p50_ms:>8.3f} {r.latency_p99_ms:>8.3f} "
+                     f"{added:>8} {r.loss_at_80pct:>4}/{r.sent_at_80pct:<4}")
+    return "\n".join(lines)
