@@ -62,6 +62,13 @@ class LoadedConfig:
     def as_dict(self) -> dict[str, Any]:
         return self.config.model_dump(mode="json")
 
+    def issue(self, key: str, message: str, value: str | None = None) -> ConfigIssue:
+        """An issue about ``key`` (dotted, list items as [i]) in the file that set it."""
+        probe = key
+        while probe and probe not in self.origins:
+            probe = probe.rpartition("[")[0] if probe.endswith("]") else probe.rpartition(".")[0]
+        return ConfigIssue(self.origins.get(probe, Path(self.sources[0]).name), message, key, value)
+
 
 def drop_in_dir_for(main: Path) -> Path:
     return main.parent / "agent.d"

@@ -40,15 +40,18 @@ def policy_of(loaded: LoadedConfig) -> AccessPolicy:
 class Runner:
     """Owns the units of one process, their sockets, and the timers for watchdog and metrics."""
 
-    def __init__(self, units: list[str], store: ConfigStore, notifier: Notifier) -> None:
+    def __init__(self, services: list[UnitService], store: ConfigStore, notifier: Notifier) -> None:
         self.store = store
         self.notifier = notifier
-        self.services: list[UnitService] = [UNIT_CLASSES[u](store) for u in units]
+        self.services = services
         self.servers: list[ControlServer] = []
         self.stop_event = asyncio.Event()
         self.started_wall = time.time()
         self._metrics_warned: str | None = None
         store.subscribe(self._apply)
+        for service in self.services:
+            store.add_check(service.check_config)
+            store.subscribe(service.apply_config)
 
     @property
     def label(self) -> str:
@@ -167,6 +170,23 @@ class Runner:
             log.error("cannot open control socket: %s", exc)
             await self.close()
             return EX_FAILURE
+        started: list[UnitService] = []
+        try:
+            for service in self.services:
+                await service.start()
+                started.append(service)
+        except ConfigError as exc:
+            for issue in exc.issues:
+                log.error("%s cannot start: %s", service.name, issue)
+            self.notifier.send(f"STATUS={service.name} cannot start: {exc.issues[0]}")
+            await self._stop_services(started)
+            await self.close()
+            return EX_CONFIG
+        except Exception:
+            log.exception("%s failed to start", service.name)
+            await self._stop_services(started)
+            await self.close()
+            return EX_FAILURE
         tasks = [asyncio.create_task(self.metrics())]
         interval = watchdog_interval()
         if interval:
@@ -179,9 +199,18 @@ class Runner:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        await self._stop_services(self.services)
         self.write_metrics(up=False)
         await self.close()
         return EX_OK
+
+    async def _stop_services(self, services: list[UnitService]) -> None:
+        """Stop in reverse order; one failing teardown does not keep the others from running."""
+        for service in reversed(services):
+            try:
+                await service.stop()
+            except Exception:
+                log.exception("%s did not stop cleanly", service.name)
 
 
 def run_units(units: list[str], config_path: Path, drop_in_dir: Path | None = None) -> int:
@@ -196,5 +225,5 @@ def run_units(units: list[str], config_path: Path, drop_in_dir: Path | None = No
         Notifier().send(f"STATUS=invalid config: {exc.issues[0]}")
         return EX_CONFIG
     logs.set_level(store.current.config.agent.log_level)
-    runner = Runner(units, store, Notifier())
+    runner = Runner([UNIT_CLASSES[u](store) for u in units], store, Notifier())
     return asyncio.run(runner.run())

@@ -35,21 +35,30 @@ class ConfigStore:
         self.drop_in_dir = drop_in_dir
         self.clock = clock
         self._listeners: list[Callable[[LoadedConfig], None]] = []
+        self._checks: list[Callable[[LoadedConfig], None]] = []
         self.current = load_config(path, drop_in_dir)
         self.generation = 1
         self.loaded_at = clock()
         self.reloads_ok = 0
         self.reloads_refused = 0
+        self.apply_errors = 0
         self.last_error: list[ConfigIssue] | None = None
 
     def subscribe(self, listener: Callable[[LoadedConfig], None]) -> None:
+        """Call ``listener`` with every new config that was accepted."""
         self._listeners.append(listener)
+
+    def add_check(self, check: Callable[[LoadedConfig], None]) -> None:
+        """Let ``check`` refuse a new config (by raising ConfigError) before anything applies it."""
+        self._checks.append(check)
 
     def reload(self) -> ReloadResult:
         """Re-read the files; on any error raise ConfigError and keep the running config."""
         try:
             new = load_config(self.path, self.drop_in_dir)
             self._check_restart_only(new)
+            for check in self._checks:
+                check(new)
         except ConfigError as exc:
             self.reloads_refused += 1
             self.last_error = exc.issues
@@ -66,7 +75,12 @@ class ConfigStore:
         self.loaded_at = self.clock()
         log.info("config reloaded: generation %d from %s", self.generation, ", ".join(new.sources))
         for listener in self._listeners:
-            listener(new)
+            try:
+                listener(new)
+            except Exception:  # checks passed, so this is a bug or an OS failure: keep going
+                self.apply_errors += 1
+                log.exception("applying config generation %d failed in %s", self.generation,
+                              getattr(listener, "__qualname__", listener))
         return ReloadResult(self.generation, True, new.sources)
 
     def _check_restart_only(self, new: LoadedConfig) -> None:

@@ -11,7 +11,7 @@ from functools import cached_property
 from typing import Any, ClassVar
 
 from .. import __version__
-from ..config import ConfigError
+from ..config import ConfigError, LoadedConfig
 from ..control import PROTOCOL_VERSION, Method, RpcError, collect, export
 from ..control.protocol import CONFIG_INVALID
 from .metrics import Family
@@ -55,6 +55,20 @@ class UnitService:
     def metric_families(self) -> list[Family]:
         """Subsystem metrics; units with a datapath add theirs."""
         return []
+
+    # Subsystem life cycle, called by the runner. The defaults suit a unit with nothing to run.
+
+    async def start(self) -> None:
+        """Bring the subsystem up with the current config (before READY=1 is sent)."""
+
+    async def stop(self) -> None:
+        """Tear the subsystem down completely (on SIGTERM, before the socket goes)."""
+
+    def check_config(self, new: LoadedConfig) -> None:
+        """Raise ConfigError if ``new`` is valid but cannot be applied; nothing may change here."""
+
+    def apply_config(self, new: LoadedConfig) -> None:
+        """Switch to ``new``, which every unit's ``check_config`` accepted."""
 
     @export("sys.hello", read_only=True)
     def hello(self) -> dict[str, Any]:
