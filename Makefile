@@ -5,12 +5,12 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test deps venv lint unit integration e2e debs check-units docs clean
+.PHONY: demo test deps venv bpf lint unit integration e2e debs check-units docs clean
 
 demo: deps venv
 	packaging/demo
 
-test: deps venv lint debs
+test: deps venv bpf lint debs
 	packaging/check-units
 	TG_REQUIRE_E2E=1 $(BIN)/pytest -p no:cacheprovider tests
 
@@ -38,6 +38,9 @@ integration: venv
 e2e: venv debs
 	TG_REQUIRE_E2E=1 $(BIN)/pytest tests/e2e
 
+bpf:
+	$(MAKE) -C bpf
+
 debs:
 	packaging/build-debs
 
@@ -46,4 +49,5 @@ docs: venv
 
 clean:
 	rm -rf $(VENV) build .mypy_cache .ruff_cache .hypothesis
+	$(MAKE) -C bpf clean
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
