@@ -231,6 +231,9 @@ class DefenceSettings(Section):
     pad: bool = setting(False, "Constant-rate defence: fill empty slots with dummies (within the "
                         "padding cap).")
     dummy_size: int = setting(512, "Payload bytes of one dummy packet.", ge=1, le=1472)
+    discard: HostPort | None = setting(
+        None, "Where pace mode sends dummy packets: a discard service on the peer (UDP). Unset: "
+        "no dummies are sent (the defences then shape timing only).", allowed="HOST:PORT")
     front: FrontSettings = FrontSettings()
     regulator: RegulatorSettings = RegulatorSettings()
     wtfpad: WtfPadSettings = WtfPadSettings()
@@ -278,6 +281,12 @@ class NetworkSettings(Section):
         "What happens to protected traffic when the shaper is not running: 'closed' drops it, "
         "'open' lets it through unshaped.",
     )
+    netns: str | None = setting(
+        None, "Network namespace (a name under /run/netns) whose interfaces netguard manages. "
+        "Unset: the unit's own.", allowed="a namespace name", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    pin_dir: AbsolutePath = setting(
+        "/sys/fs/bpf/tensorguard", "Where the eBPF maps are pinned (on a bpffs), one directory per "
+        "interface.", allowed="an absolute path on a bpf file system")
     protect: list[ProtectedFlow] = setting(
         [], "Flows to protect, as [[network.protect]] tables.", allowed="tables of name, "
         "destination, protocol, ports, unit")

@@ -142,6 +142,12 @@ class PaceScheduler:
             return
         self._push(actions)
 
+    def replace_machine(self, machine: Machine, now: float) -> None:
+        """Switch defences: everything held is let go now and the old machine's plans dropped."""
+        self._heap.clear()
+        self._push([Release(packet_id, now) for packet_id in self._held])
+        self.machine = machine
+
     def _force(self, packet_id: int, now: float) -> None:
         self.stats.forced += 1
         self._push([Drop(packet_id, now) if self.fail_closed else Release(packet_id, now)])
@@ -339,6 +345,7 @@ class NfqueuePacer:
         self._zeros = memoryview(bytes(MAX_UDP_PAYLOAD))
         self._wake_r, self._wake_w = -1, -1
         self._stop = threading.Event()
+        self._next_machine: Machine | None = None
         self._thread: threading.Thread | None = None
         self.error: BaseException | None = None
 
@@ -402,6 +409,13 @@ class NfqueuePacer:
                 raise RuntimeError(f"pacer thread for queue {self.queue_num} did not stop")
             self._thread = None
         self._close_pipe()
+
+    def replace_machine(self, machine: Machine) -> None:
+        """Hand a new defence to the pacing thread, which switches between two packets."""
+        self._next_machine = machine
+        if self._wake_w >= 0:
+            with contextlib.suppress(BlockingIOError):
+                os.write(self._wake_w, b"m")
 
     def __enter__(self) -> NfqueuePacer:
         self.start()
@@ -473,6 +487,11 @@ class NfqueuePacer:
         try:
             while not self._stop.is_set():
                 now = clock()
+                if self._next_machine is not None:
+                    sched.replace_machine(self._next_machine, now)
+                    self._next_machine = None
+                    with contextlib.suppress(BlockingIOError):
+                        os.read(self._wake_r, 64)
                 actions = sched.due(now)
                 if actions:
                     self._execute(actions)

@@ -1,8 +1,20 @@
-"""The netguard unit's control surface; this release reports its state and shapes nothing."""
+"""The netguard unit: runs the datapath from [network] and serves net.* on its socket."""
 
 from __future__ import annotations
 
-from ..service.unit import UnitService
+import asyncio
+import logging
+from pathlib import Path
+from typing import Any
+
+from ..config import ConfigError, LoadedConfig
+from ..config.schema import DefenceSettings, NetworkSettings
+from ..control import RpcError, export
+from ..control.protocol import CONFIG_INVALID, UNAVAILABLE
+from ..service.unit import SubsystemState, UnitService
+from .datapath import Datapath
+
+log = logging.getLogger(__name__)
 
 
 class NetguardService(UnitService):
@@ -10,4 +22,116 @@ class NetguardService(UnitService):
 
     name = "netguard"
     section = "network"
-    not_built = "this release has no netguard datapath: traffic is NOT shaped"
+
+    datapath: Datapath | None = None
+    failure: str | None = None
+
+    @staticmethod
+    def make_datapath(net: NetworkSettings) -> Datapath:
+        return Datapath(net, netns=net.netns, pin_root=Path(net.pin_dir))
+
+    def _refusal(self, loaded: LoadedConfig) -> ConfigError | None:
+        net = loaded.config.network
+        if not net.enabled:
+            return None
+        problems = self.make_datapath(net).preflight(net)
+        if not problems:
+            return None
+        return ConfigError([loaded.issue(p.key, p.message, p.value) for p in problems])
+
+    async def start(self) -> None:
+        refusal = self._refusal(self.store.current)
+        if refusal is not None:
+            raise refusal
+        net = self.store.current.config.network
+        if net.enabled:
+            datapath = self.make_datapath(net)
+            await asyncio.to_thread(datapath.start)
+            self.datapath = datapath
+            log.info("netguard running: %s", self.subsystem().detail)
+
+    async def stop(self) -> None:
+        if self.datapath is not None:
+            datapath, self.datapath = self.datapath, None
+            await asyncio.to_thread(datapath.stop)
+            log.info("netguard stopped: qdiscs, filters, chains, pins and queue removed")
+
+    def check_config(self, new: LoadedConfig) -> None:
+        refusal = self._refusal(new)
+        if refusal is not None:
+            raise refusal
+
+    def apply_config(self, new: LoadedConfig) -> None:
+        net = new.config.network
+        try:
+            if self.datapath is not None and net.enabled:
+                self.datapath.reconfigure(net)
+            elif self.datapath is not None:
+                self.datapath.stop()
+                self.datapath = None
+            elif net.enabled:
+                datapath = self.make_datapath(net)
+                datapath.start()
+                self.datapath = datapath
+            self.failure = None
+        except Exception as exc:
+            self.failure = f"applying generation {self.store.generation} failed: {exc}"
+            log.exception("netguard: %s", self.failure)
+
+    def subsystem(self) -> SubsystemState:
+        net = self.store.current.config.network
+        if self.failure:
+            return SubsystemState("failed", self.failure, healthy=False)
+        if self.datapath is None:
+            if net.enabled:
+                return SubsystemState("starting", "bringing the datapath up", healthy=False)
+            return SubsystemState("disabled", "[network] enabled = false")
+        settings = self.datapath.settings
+        defence = settings.defence
+        shaping = "telemetry only (defence none)" if defence.kind == "none" else (
+            f"defence {defence.kind} at {defence.rate_hz:g} Hz, fail-{settings.fail_mode}")
+        return SubsystemState("running", f"{len(settings.protect)} protected flow(s) on "
+                              f"{', '.join(settings.interfaces)}; {shaping}")
+
+    def _running(self) -> Datapath:
+        if self.datapath is None:
+            raise RpcError(UNAVAILABLE, f"netguard is not running ({self.subsystem().detail})")
+        return self.datapath
+
+    @export("net.status", read_only=True)
+    def net_status(self) -> dict[str, Any]:
+        """The datapath's parts: interfaces and their eBPF mode, defence, pacer counters."""
+        state = self.subsystem()
+        out: dict[str, Any] = {"state": state.state, "detail": state.detail}
+        if self.datapath is not None:
+            out.update(self.datapath.status())
+        return out
+
+    @export("net.stats", read_only=True)
+    def net_stats(self) -> list[dict[str, Any]]:
+        """Wire view per protected flow and direction: counters, size and inter-arrival histograms."""
+        return self._running().flow_stats()
+
+    @export("net.flows", read_only=True)
+    def net_flows(self) -> list[dict[str, Any]]:
+        """Protected connections seen on the wire."""
+        return self._running().flows()
+
+    @export("net.defence.set")
+    def net_defence_set(self, kind: str, rate_hz: float | None = None) -> dict[str, Any]:
+        """Switch the running defence until the next reload or restart (the config is not changed)."""
+        datapath = self._running()
+        current = datapath.settings
+        update: dict[str, Any] = {"kind": kind}
+        if rate_hz is not None:
+            update["rate_hz"] = rate_hz
+        try:
+            defence = DefenceSettings.model_validate({**current.defence.model_dump(), **update})
+        except ValueError as exc:
+            raise RpcError(CONFIG_INVALID, f"invalid defence: {exc}") from None
+        new = current.model_copy(update={"defence": defence})
+        problems = datapath.preflight(new)
+        if problems:
+            raise RpcError(CONFIG_INVALID, "; ".join(f"{p.key}: {p.message}" for p in problems))
+        datapath.reconfigure(new)
+        return self.net_status()

@@ -386,6 +386,16 @@ def list_ours(netns: str | None = None, families: Iterable[int] = (4, 6)) -> dic
     return out
 
 
+def check(ruleset: Ruleset, netns: str | None = None) -> None:
+    """``iptables-restore --test`` the rule set: raises IptablesError, changes nothing.
+
+    With iptables-nft this checks syntax and match/target options; what only the kernel can
+    refuse (e.g. a cgroup path that vanished) still surfaces in `apply`."""
+    states = list_ours(netns)
+    for family in ruleset.families:
+        _restore(family, render(ruleset, family, states[family].jumps), netns, test=True)
+
+
 def apply(ruleset: Ruleset, netns: str | None = None) -> None:
     """Install or atomically replace the rule set (per family, one restore transaction each).
 

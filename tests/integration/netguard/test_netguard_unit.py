@@ -1,0 +1,178 @@
+"""The netguard unit as systemd runs it, managing a robot namespace: shaping, stats, reload,
+crash recovery and complete clean-up."""
+
+from __future__ import annotations
+
+import itertools
+import secrets
+import signal
+import statistics
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tensorguard.control import RpcError, call
+
+from ...conftest import AgentDir, UnitProcess, start_unit
+from ...netns import Link, require_root_netns, veth_pair
+from .test_pace_nfqueue import capture, send
+
+PROTECTED, UNPROTECTED = 5300, 5301
+RATE = 200.0
+BPFFS = Path("/sys/fs/bpf")
+
+
+def setup_module() -> None:
+    require_root_netns()
+    pytest.importorskip("netfilterqueue", reason="needs NetfilterQueue (pip install NetfilterQueue==1.1.0)")
+    mounts = Path("/proc/mounts").read_text().splitlines()
+    if not any(line.split()[1:3] == [str(BPFFS), "bpf"] for line in mounts):
+        subprocess.run(["mount", "-t", "bpf", "bpf", str(BPFFS)], check=True)
+    if not (Path(__file__).resolve().parents[3] / "bpf" / "build" / "netguard.bpf.o").exists():
+        subprocess.run(["make", "-C", str(Path(__file__).resolve().parents[3] / "bpf")], check=True)
+
+
+@pytest.fixture
+def robot() -> Iterator[Link]:
+    with veth_pair(40) as link:
+        yield link
+
+
+@pytest.fixture
+def pin_dir() -> Iterator[Path]:
+    path = BPFFS / f"tensorguard-test-{secrets.token_hex(3)}"
+    yield path
+    subprocess.run(["rm", "-rf", str(path)], check=False)
+
+
+def network_config(link: Link, pin_dir: Path, *, fail_mode: str = "closed", kind: str = "cbr",
+                   rate: float = RATE, interfaces: str | None = None) -> str:
+    return f"""
+[network]
+enabled = true
+interfaces = {interfaces or f'["{link.robot_if}"]'}
+netns = "{link.robot_ns}"
+pin_dir = "{pin_dir}"
+fail_mode = "{fail_mode}"
+
+[[network.protect]]
+name = "cmd"
+destination = "{link.peer_ip}/32"
+protocol = "udp"
+ports = "{PROTECTED}"
+
+[network.defence]
+kind = "{kind}"
+rate_hz = {rate}
+max_added_delay_ms = 2000
+"""
+
+
+def kernel_state(link: Link, pin_dir: Path) -> dict[str, object]:
+    """Everything netguard may leave behind, listed from the kernel."""
+    return {
+        "qdiscs": "clsact" in link.robot("tc", "qdisc", "show", "dev", link.robot_if).stdout,
+        "chains": "TENSORGUARD" in link.robot("iptables-save").stdout
+                  + link.robot("ip6tables-save").stdout,
+        "pins": pin_dir.exists() and any(pin_dir.iterdir()),
+        "queue": link.robot("cat", "/proc/net/netfilter/nfnetlink_queue", check=False).stdout.strip(),
+    }
+
+
+CLEAN = {"qdiscs": False, "chains": False, "pins": False, "queue": ""}
+
+
+def deliver(link: Link, n: int, port: int) -> list[float]:
+    with capture(link, [port], n, timeout=n / RATE + 3) as got:
+        send(link, link.peer_ip, n, [port])
+    return sorted(float(ts) for _, ts, *_ in got)  # type: ignore[arg-type]
+
+
+def test_shapes_reports_and_cleans_up(agent_dir: AgentDir, units: list[UnitProcess], robot: Link,
+                                      pin_dir: Path) -> None:
+    agent_dir.write(network_config(robot, pin_dir))
+    unit = start_unit(agent_dir, "netguard")
+    units.append(unit)
+    sock = agent_dir.socket("netguard")
+    status = call(sock, "net.status")
+    assert status["state"] == "running", status
+    assert status["interfaces"] == {robot.robot_if: {"attached": True, "mode": "fail_closed"}}
+    assert kernel_state(robot, pin_dir)["qdiscs"] and kernel_state(robot, pin_dir)["chains"]
+
+    times = deliver(robot, 60, PROTECTED)
+    assert len(times) == 60
+    gaps = [b - a for a, b in itertools.pairwise(times)]
+    assert abs(statistics.median(gaps) - 1 / RATE) < 0.0005, statistics.median(gaps)
+    fast = deliver(robot, 60, UNPROTECTED)
+    assert len(fast) == 60 and fast[-1] - fast[0] < 0.1  # not paced
+
+    stats = call(sock, "net.stats")
+    egress = next(s for s in stats if s["flow"] == "cmd" and s["direction"] == "egress")
+    assert egress["packets"] == 60 and egress["dropped"] == 0 and egress["unshaped"] == 0
+    assert sum(egress["size_hist"]) == 60
+    assert call(sock, "net.status")["pacer"]["released"] == 60
+    flows = call(sock, "net.flows")
+    assert any(f["remote_port"] == PROTECTED for f in flows)
+
+    assert unit.stop() == 0
+    assert kernel_state(robot, pin_dir) == CLEAN
+
+
+def test_reload_swaps_defence_and_refuses_what_cannot_apply(
+        agent_dir: AgentDir, units: list[UnitProcess], robot: Link, pin_dir: Path) -> None:
+    agent_dir.write(network_config(robot, pin_dir, rate=100.0))
+    unit = start_unit(agent_dir, "netguard")
+    units.append(unit)
+    sock = agent_dir.socket("netguard")
+    agent_dir.write(network_config(robot, pin_dir, rate=400.0))
+    assert call(sock, "config.reload")["generation"] == 2
+    times = deliver(robot, 40, PROTECTED)
+    gaps = [b - a for a, b in itertools.pairwise(times)]
+    assert abs(statistics.median(gaps) - 1 / 400.0) < 0.0005
+
+    agent_dir.write(network_config(robot, pin_dir, interfaces='["nosuch0"]'))
+    with pytest.raises(RpcError) as info:
+        call(sock, "config.reload")
+    assert 'network.interfaces[0] = "nosuch0": no such interface' in info.value.message
+    agent_dir.write(network_config(robot, pin_dir, rate=60000.0))
+    with pytest.raises(RpcError, match="exceeds the pace path's capacity"):
+        call(sock, "config.reload")
+    assert call(sock, "sys.health")["config_generation"] == 2
+    assert call(sock, "net.status")["interfaces"][robot.robot_if]["attached"]
+
+    status = call(sock, "net.defence.set", {"kind": "cbr", "rate_hz": 50.0})
+    assert status["state"] == "running" and "50 Hz" in status["detail"]
+    with pytest.raises(RpcError, match="invalid defence"):
+        call(sock, "net.defence.set", {"kind": "magic"})
+    assert unit.stop() == 0
+    assert kernel_state(robot, pin_dir) == CLEAN
+
+
+@pytest.mark.parametrize("fail_mode", ["open", "closed"])
+def test_kill_9_fails_as_configured_and_next_start_recovers(
+        agent_dir: AgentDir, units: list[UnitProcess], robot: Link, pin_dir: Path, fail_mode: str) -> None:
+    agent_dir.write(network_config(robot, pin_dir, fail_mode=fail_mode))
+    first = start_unit(agent_dir, "netguard")
+    units.append(first)
+    first.stop(signal.SIGKILL)
+    with capture(robot, [PROTECTED], 20, timeout=2) as got:
+        send(robot, robot.peer_ip, 20, [PROTECTED])
+    assert len(got) == (20 if fail_mode == "open" else 0), f"fail-{fail_mode} after kill -9"
+
+    second = start_unit(agent_dir, "netguard")  # cleans the leftovers, then runs again
+    units.append(second)
+    assert len(deliver(robot, 20, PROTECTED)) == 20
+    assert second.stop() == 0
+    assert kernel_state(robot, pin_dir) == CLEAN
+
+
+def test_unknown_interface_at_start_is_refused_before_the_kernel_changes(
+        agent_dir: AgentDir, units: list[UnitProcess], robot: Link, pin_dir: Path) -> None:
+    agent_dir.write(network_config(robot, pin_dir, interfaces=f'["{robot.robot_if}", "nosuch0"]'))
+    unit = start_unit(agent_dir, "netguard", wait_ready=False)
+    units.append(unit)
+    assert unit.proc.wait(20) == 78
+    assert 'network.interfaces[1] = "nosuch0": no such interface' in unit.stderr_text()
+    assert kernel_state(robot, pin_dir) == CLEAN
