@@ -88,3 +88,13 @@ def test_example_and_completion(agent_dir: AgentDir) -> None:
         ["bash", "-c", script + '\nCOMP_WORDS=(tgctl --unit fl config ""); COMP_CWORD=4; _tgctl; '
          'echo "${COMPREPLY[@]}"'], capture_output=True, text=True, check=True).stdout.split()
     assert {"validate", "show", "reload", "example"} <= set(words)
+
+
+def test_net_commands_with_netguard_disabled(agent_dir: AgentDir, units: list[UnitProcess]) -> None:
+    units.append(start_unit(agent_dir, "netguard"))
+    status = tgctl(agent_dir, "net", "status")
+    assert status.returncode == 0 and "netguard: disabled: [network] enabled = false" in status.stdout
+    stats = tgctl(agent_dir, "net", "stats")
+    assert stats.returncode == 1
+    assert "netguard: netguard is not running ([network] enabled = false)" in stats.stderr
+    assert tgctl(agent_dir, "--unit", "fl", "net", "status").returncode == 2

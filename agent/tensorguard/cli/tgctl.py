@@ -221,6 +221,64 @@ def cmd_config_example(ctl: Ctl) -> int:
     return EXIT_OK
 
 
+def _netguard(ctl: Ctl, method: str, params: dict[str, Any] | None = None) -> Any:
+    if ctl.unit_given and ctl.units != ["netguard"]:
+        raise Failure("net commands talk to the netguard unit only", EXIT_USAGE)
+    return ctl.call("netguard", method, params)
+
+
+def cmd_net_status(ctl: Ctl) -> int:
+    status = _netguard(ctl, "net.status")
+    lines = [f"netguard: {status['state']}: {status['detail']}"]
+    for ifname, info in status.get("interfaces", {}).items():
+        lines.append(f"  {ifname}: eBPF {'attached' if info['attached'] else 'detached'}, "
+                     f"mode {info['mode']}")
+    pacer = status.get("pacer")
+    if pacer:
+        lines.append(f"  pacer (queue {pacer['queue']}): {pacer['released']} released, "
+                     f"{pacer['held']} held, {pacer['dummies']} dummies, {pacer['dropped']} dropped, "
+                     f"max hold {pacer['max_queue_delay'] * 1e3:.1f} ms")
+    ctl.emit(status, "\n".join(lines))
+    return EXIT_OK
+
+
+def _mean_bin(hist: list[int], width: float) -> float:
+    total = sum(hist)
+    return sum((i + 0.5) * width * n for i, n in enumerate(hist)) / total if total else 0.0
+
+
+def cmd_net_stats(ctl: Ctl) -> int:
+    stats = _netguard(ctl, "net.stats")
+    lines = [f"{'INTERFACE':<10} {'FLOW':<12} {'DIR':<8} {'PACKETS':>9} {'BYTES':>11} "
+             f"{'DROPPED':>8} {'UNSHAPED':>9} {'~SIZE':>6}"]
+    for row in stats:
+        lines.append(f"{row['interface']:<10} {row['flow']:<12} {row['direction']:<8} "
+                     f"{row['packets']:>9} {row['bytes']:>11} {row['dropped']:>8} {row['unshaped']:>9} "
+                     f"{row['bytes'] / row['packets'] if row['packets'] else 0:>6.0f}")
+    ctl.emit(stats, "\n".join(lines))
+    return EXIT_OK
+
+
+def cmd_net_flows(ctl: Ctl) -> int:
+    flows = _netguard(ctl, "net.flows")
+    lines = [f"{'FLOW':<12} {'DIR':<8} {'PROTO':<5} {'LOCAL':<30} {'REMOTE':<30} {'PACKETS':>9}"]
+    for f in flows:
+        lines.append(f"{f['flow']:<12} {f['direction']:<8} {f['protocol']!s:<5} "
+                     f"{f['local']}:{f['local_port']!s:<30} {f['remote']}:{f['remote_port']!s:<30} "
+                     f"{f['packets']:>9}")
+    ctl.emit(flows, "\n".join(lines))
+    return EXIT_OK
+
+
+def cmd_net_defence(ctl: Ctl, kind: str, rate: float | None) -> int:
+    params: dict[str, Any] = {"kind": kind}
+    if rate is not None:
+        params["rate_hz"] = rate
+    status = _netguard(ctl, "net.defence.set", params)
+    ctl.emit(status, f"netguard: {status['detail']} (until the next reload or restart)")
+    return EXIT_OK
+
+
 def cmd_completion(parser: argparse.ArgumentParser) -> int:
     words: dict[str, list[str]] = {}
     valued: set[str] = set()
@@ -291,6 +349,14 @@ def build_parser() -> argparse.ArgumentParser:
     csub.add_parser("show", help="the running config of a unit, as TOML")
     csub.add_parser("reload", help="make running units re-read the config (refused if invalid)")
     csub.add_parser("example", help="print the documented example config")
+    net = sub.add_parser("net", help="netguard: datapath status, wire statistics, defence")
+    nsub = net.add_subparsers(dest="net_command", required=True, metavar="ACTION")
+    nsub.add_parser("status", help="interfaces, eBPF mode, defence and pacer counters")
+    nsub.add_parser("stats", help="wire view per protected flow and direction (from the eBPF maps)")
+    nsub.add_parser("flows", help="protected connections seen on the wire")
+    defence = nsub.add_parser("defence", help="switch the running defence (until reload/restart)")
+    defence.add_argument("kind", choices=["none", "cbr", "front", "wtfpad", "regulator"])
+    defence.add_argument("--rate", type=float, metavar="HZ", help="slots per second (cbr, regulator)")
     completion = sub.add_parser("completion", help="print a shell completion script")
     completion.add_argument("shell", choices=["bash"])
     return parser
@@ -308,9 +374,14 @@ def main(argv: list[str] | None = None) -> int:
         ("config", "show"): lambda: cmd_config_show(ctl),
         ("config", "reload"): lambda: cmd_config_reload(ctl),
         ("config", "example"): lambda: cmd_config_example(ctl),
+        ("net", "status"): lambda: cmd_net_status(ctl),
+        ("net", "stats"): lambda: cmd_net_stats(ctl),
+        ("net", "flows"): lambda: cmd_net_flows(ctl),
+        ("net", "defence"): lambda: cmd_net_defence(ctl, args.kind, args.rate),
     }
+    action = getattr(args, "config_command", None) or getattr(args, "net_command", None)
     try:
-        return commands[(args.command, getattr(args, "config_command", None))]()
+        return commands[(args.command, action)]()
     except Failure as exc:
         print(f"tgctl: {exc}", file=sys.stderr)
         return exc.code

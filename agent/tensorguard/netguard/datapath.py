@@ -274,8 +274,9 @@ class Datapath:
         out = []
         for ifname, dp in self.tc.items():
             for f in dp.stats().flows:
-                out.append({"interface": ifname, "flow": names.get(f.selector_id, "?"),
-                            **_jsonable(asdict(f))})
+                row = _jsonable(asdict(f))
+                row["protocol"] = {6: "tcp", 17: "udp"}.get(f.protocol, str(f.protocol))
+                out.append({"interface": ifname, "flow": names.get(f.selector_id, "?"), **row})
         return out
 
 

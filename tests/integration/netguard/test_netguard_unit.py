@@ -15,7 +15,7 @@ import pytest
 
 from tensorguard.control import RpcError, call
 
-from ...conftest import AgentDir, UnitProcess, start_unit
+from ...conftest import AgentDir, UnitProcess, start_unit, tgctl
 from ...netns import Link, require_root_netns, veth_pair
 from .test_pace_nfqueue import capture, send
 
@@ -116,8 +116,22 @@ def test_shapes_reports_and_cleans_up(agent_dir: AgentDir, units: list[UnitProce
     flows = call(sock, "net.flows")
     assert any(f["remote_port"] == PROTECTED for f in flows)
 
+    shown = tgctl(agent_dir, "net", "stats")
+    assert shown.returncode == 0, shown.stderr
+    assert any(line.split()[:4] == [robot.robot_if, "cmd", "egress", "60"]
+               for line in shown.stdout.splitlines()), shown.stdout
+    status = tgctl(agent_dir, "net", "status")
+    assert "netguard: running: 1 protected flow(s)" in status.stdout
+    assert f"{robot.robot_if}: eBPF attached, mode fail_closed" in status.stdout
+    assert "pacer (queue 18260): 60 released" in status.stdout
+    flows_out = tgctl(agent_dir, "net", "flows").stdout
+    assert f"{robot.peer_ip}:{PROTECTED}" in flows_out and "udp" in flows_out
+    switched = tgctl(agent_dir, "net", "defence", "cbr", "--rate", "100")
+    assert switched.returncode == 0 and "cbr at 100 Hz" in switched.stdout
+
     assert unit.stop() == 0
     assert kernel_state(robot, pin_dir) == CLEAN
+    assert tgctl(agent_dir, "net", "status").returncode == 3
 
 
 def test_reload_swaps_defence_and_refuses_what_cannot_apply(
