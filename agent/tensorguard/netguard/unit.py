@@ -11,6 +11,7 @@ from ..config import ConfigError, LoadedConfig
 from ..config.schema import DefenceSettings, NetworkSettings
 from ..control import RpcError, export
 from ..control.protocol import CONFIG_INVALID, UNAVAILABLE
+from ..service.metrics import Family
 from ..service.unit import SubsystemState, UnitService
 from .datapath import Datapath
 
@@ -92,6 +93,32 @@ class NetguardService(UnitService):
             f"defence {defence.kind} at {defence.rate_hz:g} Hz, fail-{settings.fail_mode}")
         return SubsystemState("running", f"{len(settings.protect)} protected flow(s) on "
                               f"{', '.join(settings.interfaces)}; {shaping}")
+
+    def metric_families(self) -> list[Family]:
+        """Wire counters per protected flow and the pacer's, for node-exporter."""
+        if self.datapath is None:
+            return []
+        wire = {name: Family(f"tensorguard_net_{name}_total", doc, "counter") for name, doc in (
+            ("packets", "Protected packets on the wire."), ("bytes", "Protected bytes on the wire."),
+            ("dropped", "Protected packets the leak guard dropped (fail-closed)."),
+            ("unshaped", "Protected packets that bypassed the shaper (fail-open)."))}
+        for row in self.datapath.flow_stats():
+            for name, family in wire.items():
+                family.add(row[name], interface=row["interface"], flow=row["flow"],
+                           direction=row["direction"])
+        families = list(wire.values())
+        if self.datapath.pacer is not None:
+            stats = self.datapath.pacer.stats
+            families += [
+                Family("tensorguard_net_pacer_released_total", "Packets the pacer released.",
+                       "counter").add(stats.released),
+                Family("tensorguard_net_pacer_dummies_total", "Dummy packets the pacer sent.",
+                       "counter").add(stats.dummies),
+                Family("tensorguard_net_pacer_held", "Packets held right now.").add(stats.held),
+                Family("tensorguard_net_pacer_max_hold_seconds", "Longest hold so far.")
+                .add(stats.max_queue_delay),
+            ]
+        return families
 
     def _running(self) -> Datapath:
         if self.datapath is None:

@@ -8,6 +8,7 @@ import secrets
 import signal
 import statistics
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -128,6 +129,14 @@ def test_shapes_reports_and_cleans_up(agent_dir: AgentDir, units: list[UnitProce
     assert f"{robot.peer_ip}:{PROTECTED}" in flows_out and "udp" in flows_out
     switched = tgctl(agent_dir, "net", "defence", "cbr", "--rate", "100")
     assert switched.returncode == 0 and "cbr at 100 Hz" in switched.stdout
+
+    deadline = time.monotonic() + 5
+    prom = agent_dir.metrics / "tensorguard_netguard.prom"
+    while "tensorguard_net_pacer_released_total 60" not in (prom.read_text() if prom.exists() else ""):
+        assert time.monotonic() < deadline, prom.read_text() if prom.exists() else "no metrics file"
+        time.sleep(0.2)
+    assert (f'tensorguard_net_packets_total{{direction="egress",flow="cmd",interface="{robot.robot_if}"}} 60'
+            in prom.read_text())
 
     assert unit.stop() == 0
     assert kernel_state(robot, pin_dir) == CLEAN
