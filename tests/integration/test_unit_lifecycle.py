@@ -38,16 +38,16 @@ def test_watchdog_pings_at_half_the_interval(agent_dir: AgentDir, units: list[Un
 
 
 def test_sighup_reload_valid_then_invalid(agent_dir: AgentDir, units: list[UnitProcess]) -> None:
-    unit = start_unit(agent_dir, "netguard")
+    unit = start_unit(agent_dir, "fl")
     units.append(unit)
-    sock = agent_dir.socket("netguard")
-    agent_dir.drop_in("50.toml", "[network]\nenabled = true\n")
+    sock = agent_dir.socket("fl")
+    agent_dir.drop_in("50.toml", "[fl]\nenabled = true\n")
     unit.proc.send_signal(signal.SIGHUP)
-    unit.wait_for("netguard: unavailable")
+    unit.wait_for("fl: unavailable")
     health = call(sock, "sys.health")
     assert health["config_generation"] == 2
     assert health["status"] == "degraded"
-    assert "traffic is NOT shaped" in health["subsystem"]["detail"]
+    assert "no training takes place" in health["subsystem"]["detail"]
 
     agent_dir.drop_in("60.toml", "[network]\nfail_mode = 'ajar'\n")
     unit.proc.send_signal(signal.SIGHUP)
@@ -57,6 +57,19 @@ def test_sighup_reload_valid_then_invalid(agent_dir: AgentDir, units: list[UnitP
     assert shown["last_reload_error"][0]["key"] == "network.fail_mode"
     assert shown["last_reload_error"][0]["file"] == "agent.d/60.toml"
     assert unit.proc.poll() is None
+
+
+def test_netguard_refuses_to_enable_without_interfaces_and_flows(agent_dir: AgentDir,
+                                                                 units: list[UnitProcess]) -> None:
+    unit = start_unit(agent_dir, "netguard")
+    units.append(unit)
+    agent_dir.drop_in("50.toml", "[network]\nenabled = true\n")
+    with pytest.raises(RpcError) as info:
+        call(agent_dir.socket("netguard"), "config.reload")
+    keys = [e["key"] for e in info.value.data["errors"]]
+    assert keys == ["network.interfaces", "network.protect"]
+    assert "at least one uplink interface is needed" in info.value.message
+    assert call(agent_dir.socket("netguard"), "net.status")["state"] == "disabled"
 
 
 def test_config_reload_over_the_socket_refuses_and_keeps_running(agent_dir: AgentDir,
