@@ -114,11 +114,19 @@ class CaseResult:
     sent_at_80pct: int
 
 
-def measure_case(link: Link, case: str, proto: str, count: int, latency_rate: float) -> CaseResult:
-    flat_out = transfer(link, proto, count, 0.0, port=BENCH_PORT)
-    steady = transfer(link, proto, count, max(flat_out.rate * 0.8, 1.0), port=BENCH_PORT)
-    probe = transfer(link, proto, max(int(latency_rate * 2), 200), latency_rate, port=BENCH_PORT)
-    return CaseResult(case, proto, flat_out.rate, flat_out.cpu_us_per_message, probe.latency_p50_ms,
+def measure_case(link: Link, case: str, proto: str, count: int, latency_rate: float, *,
+                 repeats: int = 1) -> CaseResult:
+    """Medians over ``repeats`` runs (a 2-core machine shared by sender, receiver and pacer is
+    noisy); the zero-loss check runs at 80 % of the median capacity and counts every loss."""
+    flat = sorted((transfer(link, proto, count, 0.0, port=BENCH_PORT) for _ in range(repeats)),
+                  key=lambda r: r.rate)
+    capacity = flat[len(flat) // 2]
+    steady = transfer(link, proto, count, max(capacity.rate * 0.8, 1.0), port=BENCH_PORT)
+    probes = sorted((transfer(link, proto, max(int(latency_rate * 2), 200), latency_rate,
+                              port=BENCH_PORT) for _ in range(repeats)),
+                    key=lambda r: r.latency_p99_ms)
+    probe = probes[len(probes) // 2]
+    return CaseResult(case, proto, capacity.rate, capacity.cpu_us_per_message, probe.latency_p50_ms,
                       probe.latency_p99_ms, steady.loss, steady.sent)
 
 
@@ -129,13 +137,14 @@ def no_agent(link: Link) -> Iterator[None]:
 
 
 def run_cases(link: Link, cases: dict[str, Setup], protos: tuple[str, ...], *, count: int,
-              latency_rate: float, progress: Callable[[str], None]) -> list[CaseResult]:
+              latency_rate: float, progress: Callable[[str], None], repeats: int = 1) -> list[CaseResult]:
     results = []
     for name, setup in cases.items():
         with setup(link):
             for proto in protos:
-                progress(f"{name} / {proto}: {count} messages flat out, then at 80 %, then latency")
-                results.append(measure_case(link, name, proto, count, latency_rate))
+                progress(f"{name} / {proto}: {count} messages flat out (x{repeats}), at 80 %, "
+                         f"then latency at {latency_rate:g}/s (x{repeats})")
+                results.append(measure_case(link, name, proto, count, latency_rate, repeats=repeats))
     return results
 
 
@@ -241,9 +250,9 @@ def run(quick: bool, protos: tuple[str, ...] = ("udp", "tcp"),
     mounts = Path("/proc/mounts").read_text().splitlines()
     if not any(line.split()[1:3] == [str(BPFFS), "bpf"] for line in mounts):
         subprocess.run(["mount", "-t", "bpf", "bpf", str(BPFFS)], check=True)
-    count = 40_000 if quick else 200_000
+    count, repeats = (40_000, 1) if quick else (100_000, 5)
     pace_rate = MAX_PACE_RATE_HZ
     with veth_pair(60) as link:
         results = run_cases(link, bench_cases(pace_rate), protos, count=count, latency_rate=1000.0,
-                            progress=progress)
+                            progress=progress, repeats=repeats)
     return results, verdicts(results, pace_rate)

@@ -48,6 +48,9 @@ def send(proto: str, dst: str, port: int, count: int, *, rate: float, size: int,
     for seq in range(count):
         if interval_ns:
             due += interval_ns
+            ahead = due - time.monotonic_ns()
+            if ahead > 500_000:  # sleep most of a long wait: a spinning sender would steal a core
+                time.sleep((ahead - 300_000) / 1e9)
             while time.monotonic_ns() < due:
                 pass
         frame = HEADER.pack(seq, time.monotonic_ns()) + padding
