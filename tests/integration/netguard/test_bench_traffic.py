@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tensorguard.netguard.bench.datapath import as_json, measure_case, table, transfer
+from tensorguard.netguard.bench.datapath import as_json, no_agent, run_cases, table, transfer
 
 from ...netns import require_root_netns, veth_pair
 
@@ -23,7 +23,8 @@ def test_transfer_delivers_and_times_every_message(proto: str) -> None:
 def test_case_report_has_ratios_against_the_baseline() -> None:
     require_root_netns()
     with veth_pair(31) as link:
-        result = measure_case(link, "no agent", "udp", 5000, 500.0)
+        (result,) = run_cases(link, {"no agent": no_agent}, ("udp",), count=5000, latency_rate=500.0,
+                              progress=print, repeats=2)
     assert result.capacity_pps > 1000 and result.loss_at_80pct == 0
     report = as_json([result], "no agent")
     assert set(report["no agent"]["udp"]) >= {"capacity_pps", "cpu_us_per_packet", "latency_p99_ms"}

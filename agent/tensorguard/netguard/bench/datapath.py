@@ -114,22 +114,6 @@ class CaseResult:
     sent_at_80pct: int
 
 
-def measure_case(link: Link, case: str, proto: str, count: int, latency_rate: float, *,
-                 repeats: int = 1) -> CaseResult:
-    """Medians over ``repeats`` runs (a 2-core machine shared by sender, receiver and pacer is
-    noisy); the zero-loss check runs at 80 % of the median capacity and counts every loss."""
-    flat = sorted((transfer(link, proto, count, 0.0, port=BENCH_PORT) for _ in range(repeats)),
-                  key=lambda r: r.rate)
-    capacity = flat[len(flat) // 2]
-    steady = transfer(link, proto, count, max(capacity.rate * 0.8, 1.0), port=BENCH_PORT)
-    probes = sorted((transfer(link, proto, max(int(latency_rate * 2), 200), latency_rate,
-                              port=BENCH_PORT) for _ in range(repeats)),
-                    key=lambda r: r.latency_p99_ms)
-    probe = probes[len(probes) // 2]
-    return CaseResult(case, proto, capacity.rate, capacity.cpu_us_per_message, probe.latency_p50_ms,
-                      probe.latency_p99_ms, steady.loss, steady.sent)
-
-
 @contextlib.contextmanager
 def no_agent(link: Link) -> Iterator[None]:
     """Baseline: nothing between the sockets and the veth."""
@@ -138,13 +122,31 @@ def no_agent(link: Link) -> Iterator[None]:
 
 def run_cases(link: Link, cases: dict[str, Setup], protos: tuple[str, ...], *, count: int,
               latency_rate: float, progress: Callable[[str], None], repeats: int = 1) -> list[CaseResult]:
+    """Capacity runs interleave the cases (A B C A B C ...) so that drift of the machine's speed
+    hits every case alike; each figure is the median over ``repeats``. The zero-loss run goes at
+    80 % of the case's median capacity and counts every loss."""
+    flat: dict[tuple[str, str], list[Run]] = {(n, p): [] for n in cases for p in protos}
+    for round_ in range(repeats):
+        for name, setup in cases.items():
+            progress(f"capacity, round {round_ + 1}/{repeats}: {name}, {count} messages flat out")
+            with setup(link):
+                for proto in protos:
+                    flat[(name, proto)].append(transfer(link, proto, count, 0.0, port=BENCH_PORT))
     results = []
     for name, setup in cases.items():
+        progress(f"{name}: zero-loss run at 80 % of capacity, latency at {latency_rate:g}/s")
         with setup(link):
             for proto in protos:
-                progress(f"{name} / {proto}: {count} messages flat out (x{repeats}), at 80 %, "
-                         f"then latency at {latency_rate:g}/s (x{repeats})")
-                results.append(measure_case(link, name, proto, count, latency_rate, repeats=repeats))
+                runs = sorted(flat[(name, proto)], key=lambda r: r.rate)
+                capacity = runs[len(runs) // 2]
+                steady = transfer(link, proto, count, max(capacity.rate * 0.8, 1.0), port=BENCH_PORT)
+                probes = sorted((transfer(link, proto, max(int(latency_rate * 2), 200), latency_rate,
+                                          port=BENCH_PORT) for _ in range(repeats)),
+                                key=lambda r: r.latency_p99_ms)
+                probe = probes[len(probes) // 2]
+                results.append(CaseResult(name, proto, capacity.rate, capacity.cpu_us_per_message,
+                                          probe.latency_p50_ms, probe.latency_p99_ms, steady.loss,
+                                          steady.sent))
     return results
 
 
