@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass, field
 
-from .base import Caps, Direction
+from .base import Caps, Direction, Release
 
 
 @dataclass
@@ -51,3 +52,12 @@ class CostLedger:
 
     def pad(self, direction: Direction, size: int) -> bool:
         return self.budgets[direction].try_spend(size)
+
+    def release_overdue(self, held: deque[tuple[int, float]], next_send: float | None,
+                        now: float) -> list[Release]:
+        """Held (id, arrival) packets whose deadline has come before their next send time leave
+        now, off schedule: the delay cap wins over the shape."""
+        out = []
+        while held and self.deadline(held[0][1]) <= now and (next_send is None or next_send > now):
+            out.append(Release(held.popleft()[0], now))
+        return out

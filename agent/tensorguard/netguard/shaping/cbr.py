@@ -28,7 +28,7 @@ class _Lane:
     anchor: float | None = None
     next_slot: float | None = None
     last_slot: float = -math.inf
-    held: deque[tuple[int, int, float]] = field(default_factory=deque)  # (id, size, arrival)
+    held: deque[tuple[int, float]] = field(default_factory=deque)  # (id, arrival)
 
 
 class CbrMachine:
@@ -63,7 +63,7 @@ class CbrMachine:
         lane = self.lanes[direction]
         if lane.anchor is None:
             lane.anchor = now
-        lane.held.append((packet_id, size, now))
+        lane.held.append((packet_id, now))
         if lane.next_slot is None:  # the grid was paused: resume on it, never reusing a slot
             lane.next_slot = max(self._slot_at_or_after(lane, now), lane.last_slot + self.period)
         return self.on_timer(now)
@@ -72,11 +72,9 @@ class CbrMachine:
         actions: list[Action] = []
         for direction in self.shaped:
             lane = self.lanes[direction]
-            # A packet whose deadline comes before its slot leaves at the deadline, off the grid.
-            while lane.held and self.ledger.deadline(lane.held[0][2]) <= now and (
-                    lane.next_slot is None or lane.next_slot > now):
-                actions.append(Release(lane.held.popleft()[0], now))
-                self.deadline_releases += 1
+            overdue = self.ledger.release_overdue(lane.held, lane.next_slot, now)
+            self.deadline_releases += len(overdue)
+            actions += overdue
             while lane.next_slot is not None and lane.next_slot <= now:
                 slot = lane.next_slot
                 lane.last_slot = slot
@@ -101,5 +99,5 @@ class CbrMachine:
             if lane.next_slot is not None:
                 times.append(lane.next_slot)
             if lane.held:
-                times.append(self.ledger.deadline(lane.held[0][2]))
+                times.append(self.ledger.deadline(lane.held[0][1]))
         return min(times) if times else None

@@ -74,10 +74,9 @@ class RegulatorMachine:
         actions: list[Action] = []
         for direction in self.shaped:
             lane = self.lanes[direction]
-            while lane.held and self.ledger.deadline(lane.held[0][1]) <= now and (
-                    lane.next_send is None or lane.next_send > now):
-                actions.append(Release(lane.held.popleft()[0], now))
-                self.deadline_releases += 1
+            overdue = self.ledger.release_overdue(lane.held, lane.next_send, now)
+            self.deadline_releases += len(overdue)
+            actions += overdue
             while lane.next_send is not None and lane.next_send <= now:
                 at = lane.next_send
                 rate = self.rate(lane, at)
