@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test deps venv bpf lint unit integration e2e debs check-units docs clean
 
-demo: deps venv
+demo: deps venv bpf
 	packaging/demo
 
 test: deps venv bpf lint debs
