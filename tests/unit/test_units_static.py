@@ -92,7 +92,10 @@ def test_netguard_privileges() -> None:
     s = service("netguard")["Service"]
     assert "User" not in s  # uid 0, bounded capabilities (see the unit's header)
     assert one(s, "Group") == "tensorguard"  # socket + metrics group, ACL on the metrics dir
-    assert words(s, "CapabilityBoundingSet") == {"CAP_NET_ADMIN", "CAP_BPF", "CAP_NET_RAW"}
+    # CAP_SYS_NICE + RestrictRealtime=no: the pacer thread runs SCHED_FIFO
+    assert words(s, "CapabilityBoundingSet") == {"CAP_NET_ADMIN", "CAP_BPF", "CAP_NET_RAW",
+                                                 "CAP_SYS_NICE"}
+    assert one(s, "RestrictRealtime") == "no"
     assert words(s, "RestrictAddressFamilies") == {
         "AF_UNIX", "AF_INET", "AF_INET6", "AF_NETLINK", "AF_PACKET"}
     # bpf is part of @privileged: it must be re-allowed after the deny list
@@ -100,6 +103,7 @@ def test_netguard_privileges() -> None:
     assert filters[0] == "@system-service"
     deny = max(k for k, v in enumerate(filters) if v.startswith("~"))
     assert any("bpf" in v.split() for v in filters[deny + 1:])
+    assert any("sched_setscheduler" in v.split() for v in filters[deny + 1:])
     assert "-/sys/fs/bpf/tensorguard" in s.get("ReadWritePaths", [])
 
 
