@@ -242,11 +242,6 @@ def cmd_net_status(ctl: Ctl) -> int:
     return EXIT_OK
 
 
-def _mean_bin(hist: list[int], width: float) -> float:
-    total = sum(hist)
-    return sum((i + 0.5) * width * n for i, n in enumerate(hist)) / total if total else 0.0
-
-
 def cmd_net_stats(ctl: Ctl) -> int:
     stats = _netguard(ctl, "net.stats")
     lines = [f"{'INTERFACE':<10} {'FLOW':<12} {'DIR':<8} {'PACKETS':>9} {'BYTES':>11} "

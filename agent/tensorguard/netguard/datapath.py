@@ -8,6 +8,7 @@ every trace (qdiscs, filters, chains, pinned maps, queue binding).
 
 from __future__ import annotations
 
+import enum
 import ipaddress
 import logging
 import os
@@ -22,6 +23,7 @@ from .kernel import bpf_maps as maps
 from .kernel import iptables
 from .kernel.tc import DatapathError, TcDatapath, cgroup_ref, cleanup_stale, in_netns
 from .pacer import NfqueuePacer
+from .shaping.base import Machine
 from .shaping.factory import HistogramFileError, build_machine
 
 log = logging.getLogger(__name__)
@@ -181,8 +183,8 @@ class Datapath:
             self.stop()
             raise
 
-    def _start_shaping(self, settings: NetworkSettings) -> None:
-        machine = build_machine(settings.defence, self.rng)
+    def _start_shaping(self, settings: NetworkSettings, machine: Machine | None = None) -> None:
+        machine = machine or build_machine(settings.defence, self.rng)
         if machine is None:
             return
         self.pacer = NfqueuePacer(machine, QUEUE_NUM, mark=SHAPER_MARK, mask=SHAPER_MARK,
@@ -229,15 +231,20 @@ class Datapath:
         self.settings = new
         for dp in self.tc.values():
             dp.set_selectors(self._bpf_selectors(new))
+        restarted = False
         if new.defence != old.defence or new.fail_mode != old.fail_mode:
             machine = build_machine(new.defence, self.rng)
-            if machine is None or self.pacer is None or new.fail_mode != old.fail_mode or \
-                    new.defence.discard != old.defence.discard:
-                self._stop_shaping()
-                self._start_shaping(new)
-            else:
+            in_place = (machine is not None and self.pacer is not None
+                        and new.fail_mode == old.fail_mode
+                        and new.defence.discard == old.defence.discard)
+            if in_place:
+                assert self.pacer is not None and machine is not None
                 self.pacer.replace_machine(machine)
-        if self.rules_applied and new.protect != old.protect:
+            else:  # the pacer's own settings change: a new pacer, which applies the new rules
+                self._stop_shaping()
+                self._start_shaping(new, machine)
+                restarted = True
+        if not restarted and self.rules_applied and new.protect != old.protect:
             iptables.apply(self._ruleset(new), self.netns)
         for dp in self.tc.values():
             dp.set_mode(self._mode(new))
@@ -255,9 +262,13 @@ class Datapath:
             "iptables_rules": self.rules_applied,
         }
 
+    def _flow_names(self) -> dict[int, str]:
+        """Selector id (as ``_bpf_selectors`` numbers them) -> the flow's configured name."""
+        return {i + 1: flow.name for i, flow in enumerate(self.settings.protect)}
+
     def flow_stats(self) -> list[dict[str, Any]]:
         """Per protected selector and direction: the wire view from the eBPF maps."""
-        names = {i + 1: flow.name for i, flow in enumerate(self.settings.protect)}
+        names = self._flow_names()
         out = []
         for ifname, dp in self.tc.items():
             stats = dp.stats()
@@ -270,7 +281,7 @@ class Datapath:
 
     def flows(self) -> list[dict[str, Any]]:
         """Individual protected connections seen on the wire (5-tuples)."""
-        names = {i + 1: flow.name for i, flow in enumerate(self.settings.protect)}
+        names = self._flow_names()
         out = []
         for ifname, dp in self.tc.items():
             for f in dp.stats().flows:
@@ -285,7 +296,7 @@ def _jsonable(data: dict[str, Any]) -> dict[str, Any]:
     for key, value in data.items():
         if isinstance(value, ipaddress.IPv4Address | ipaddress.IPv6Address):
             out[key] = str(value)
-        elif hasattr(value, "name") and hasattr(value, "value"):  # enums
+        elif isinstance(value, enum.Enum):
             out[key] = value.name.lower()
         elif isinstance(value, tuple):
             out[key] = list(value)

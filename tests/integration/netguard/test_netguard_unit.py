@@ -162,8 +162,17 @@ def test_reload_swaps_defence_and_refuses_what_cannot_apply(
     agent_dir.write(network_config(robot, pin_dir, rate=60000.0))
     with pytest.raises(RpcError, match="exceeds the pace path's capacity"):
         call(sock, "config.reload")
-    assert call(sock, "sys.health")["config_generation"] == 2
+    assert call(sock, "sys.health")["config_generation"] == 2  # both refused
     assert call(sock, "net.status")["interfaces"][robot.robot_if]["attached"]
+
+    # a new fail mode needs a new pacer and new rules (queue bypass): restarted, still pacing
+    agent_dir.write(network_config(robot, pin_dir, rate=400.0, fail_mode="open"))
+    assert call(sock, "config.reload")["generation"] == 3
+    assert call(sock, "net.status")["interfaces"][robot.robot_if]["mode"] == "fail_open"
+    assert "--queue-bypass" in robot.robot("iptables-save").stdout
+    times = deliver(robot, 40, PROTECTED)
+    gaps = [b - a for a, b in itertools.pairwise(times)]
+    assert len(times) == 40 and abs(statistics.median(gaps) - 1 / 400.0) < 0.0005
 
     status = call(sock, "net.defence.set", {"kind": "cbr", "rate_hz": 50.0})
     assert status["state"] == "running" and "50 Hz" in status["detail"]
