@@ -238,6 +238,10 @@ def cmd_net_status(ctl: Ctl) -> int:
         lines.append(f"  pacer (queue {pacer['queue']}): {pacer['released']} released, "
                      f"{pacer['held']} held, {pacer['dummies']} dummies, {pacer['dropped']} dropped, "
                      f"max hold {pacer['max_queue_delay'] * 1e3:.1f} ms")
+    for unit, state in (status.get("units") or {}).items():
+        lines.append(f"  unit {unit}: " + (f"running (cgroup {state['cgroup_id']}), its traffic is "
+                                           "protected" if state["running"] else
+                                           "not running; protected again as soon as it starts"))
     ctl.emit(status, "\n".join(lines))
     return EXIT_OK
 

@@ -293,6 +293,98 @@ class NetworkSettings(Section):
     defence: DefenceSettings = DefenceSettings()
 
 
+_OCTAL_MODE = re.compile(r"^0?[0-7]{3}$")
+_USER = re.compile(r"^[a-z_][a-z0-9_-]{0,31}\$?$")
+_K8S_NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
+_SIGNALS = ("HUP", "USR1", "USR2", "TERM")
+
+
+def _octal_mode(value: str) -> str:
+    if not _OCTAL_MODE.match(value):
+        raise ValueError("must be an octal file mode such as \"0640\"")
+    if int(value, 8) & 0o137:
+        raise ValueError("a key file must not be executable, group-writable or readable by others "
+                         "(at most 0640)")
+    return value
+
+
+def _user(value: str) -> str:
+    if not _USER.match(value):
+        raise ValueError("must be a POSIX user or group name")
+    return value
+
+
+def _k8s_name(value: str) -> str:
+    if not _K8S_NAME.match(value):
+        raise ValueError("must be a Kubernetes object name (lower-case DNS subdomain)")
+    return value
+
+
+KeyMode = Annotated[str, AfterValidator(_octal_mode)]
+UserName = Annotated[str, AfterValidator(_user)]
+KubeName = Annotated[str, AfterValidator(_k8s_name)]
+
+
+class IdentitySink(Section):
+    """Where the certificate is installed for a service to use ([[identity.sink]] tables)."""
+
+    name: str = setting("sink", "Label used in status, logs and the audit log.", min_length=1,
+                        max_length=32, pattern=r"^[A-Za-z0-9_.-]+$",
+                        allowed="1-32 characters of A-Z a-z 0-9 _ . -")
+    kind: Literal["files", "kubernetes"] = setting(
+        "files", "'files': cert.pem, key.pem, chain.pem and fullchain.pem in `directory`, swapped "
+        "atomically; 'kubernetes': a kubernetes.io/tls Secret.")
+    directory: AbsolutePath | None = setting(
+        None, "files: directory that receives the files (created 0750 if absent).",
+        allowed="an absolute path")
+    owner: UserName | None = setting(None, "files: owner of the files. Unset: the unit's user.",
+                                     allowed="a user name")
+    group: UserName | None = setting(None, "files: group of the files. Unset: the unit's group.",
+                                     allowed="a group name")
+    key_mode: KeyMode = setting("0600", "files: mode of key.pem (certificates are 0644).",
+                                allowed='octal, at most "0640"')
+    reload_command: list[str] = setting(
+        [], "Run after each install, e.g. [\"systemctl\", \"reload\", \"nginx.service\"]; "
+        "no shell. Empty: none.", allowed="argv list")
+    reload_signal: Literal["HUP", "USR1", "USR2", "TERM"] | None = setting(
+        None, "Send this signal after each install to the process in `reload_pidfile`.",
+        allowed=", ".join(_SIGNALS))
+    reload_pidfile: AbsolutePath | None = setting(
+        None, "Pid file of the process to signal.", allowed="an absolute path")
+    namespace: KubeName = setting("default", "kubernetes: namespace of the Secret.",
+                                  allowed="a Kubernetes name")
+    secret: KubeName | None = setting(None, "kubernetes: name of the kubernetes.io/tls Secret.",
+                                      allowed="a Kubernetes name")
+    kubeconfig: AbsolutePath | None = setting(
+        None, "kubernetes: kubeconfig file. Unset: in-cluster service account.",
+        allowed="an absolute path")
+
+    @model_validator(mode="after")
+    def _complete(self) -> IdentitySink:
+        if self.kind == "files" and self.directory is None:
+            raise ValueError('kind = "files" needs directory')
+        if self.kind == "kubernetes" and self.secret is None:
+            raise ValueError('kind = "kubernetes" needs secret')
+        if (self.reload_signal is None) != (self.reload_pidfile is None):
+            raise ValueError("reload_signal and reload_pidfile go together")
+        if self.reload_command and (not self.reload_command[0].startswith("/")
+                                    and "/" in self.reload_command[0]):
+            raise ValueError("reload_command[0] must be a program name or an absolute path")
+        return self
+
+
+class Pkcs11Settings(Section):
+    """The key in a PKCS#11 token instead of a file (identity.key_store = "pkcs11")."""
+
+    module: AbsolutePath = setting("/usr/lib/softhsm/libsofthsm2.so", "PKCS#11 module (.so).",
+                                   allowed="an absolute path")
+    token_label: str = setting("tensorguard", "Label of the token that holds the key.",
+                               min_length=1, max_length=32)
+    pin_file: AbsolutePath = setting("/etc/tensorguard/pkcs11-pin",
+                                     "File holding the user PIN (mode 0600 or 0640).",
+                                     allowed="an absolute path")
+
+
 class IdentitySettings(Section):
     """identity: short-lived machine certificates."""
 
@@ -300,6 +392,12 @@ class IdentitySettings(Section):
     server_url: HttpsUrl | None = setting(
         None, "Control plane (EST) base URL. Unset: no enrolment.", allowed="an https:// URL"
     )
+    trust_anchor: AbsolutePath = setting(
+        "/etc/tensorguard/ca.pem", "The fleet CA's root certificate(s) (PEM): the only trust "
+        "anchor for the control plane's TLS certificate.", allowed="an absolute path")
+    bootstrap_token_file: AbsolutePath = setting(
+        "/etc/tensorguard/bootstrap-token", "One-time enrolment token from `tensorguard server "
+        "token create`; read only to enrol, removed once used.", allowed="an absolute path")
     trust_domain: DnsName = setting(
         "tensorguard.local",
         "SPIFFE trust domain: certificates name spiffe://<trust_domain>/robot/<node_id>.",
@@ -308,16 +406,38 @@ class IdentitySettings(Section):
     key_type: Literal["ecdsa-p256", "ed25519"] = setting(
         "ecdsa-p256", "Algorithm of the key generated on the robot."
     )
+    key_store: Literal["file", "pkcs11"] = setting(
+        "file", "Where the private key lives: a 0600 file in state_dir, or a PKCS#11 token.")
     renew_fraction: float = setting(
         0.5, "Renew when this fraction of the certificate lifetime has elapsed.", gt=0, lt=1
     )
     renew_jitter: float = setting(
-        0.1, "Random spread (as a fraction of the lifetime) added to the renewal time.", ge=0, le=0.5
+        0.1, "Renew up to this fraction of the lifetime earlier, at random (never later).",
+        ge=0, le=0.5
     )
+    retry_initial_s: float = setting(5.0, "First retry delay after a failed renewal.", ge=1, le=3600)
+    retry_max_s: float = setting(
+        300.0, "Longest retry delay (shrinks near expiry so several attempts remain).", ge=1, le=86400)
     state_dir: AbsolutePath = setting(
-        "/var/lib/tensorguard/identity", "Where the key and certificate are kept.",
+        "/var/lib/tensorguard/identity", "Where the key, certificate and audit log are kept.",
         allowed="an absolute path",
     )
+    sink: list[IdentitySink] = setting(
+        [], "Where certificates are installed, as [[identity.sink]] tables.",
+        allowed="tables of name, kind, directory, owner, group, key_mode, reload_*, namespace, "
+        "secret, kubeconfig")
+    pkcs11: Pkcs11Settings = Pkcs11Settings()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> IdentitySettings:
+        if self.enabled and self.server_url is None:
+            raise ValueError("enabled = true needs server_url")
+        if self.retry_initial_s > self.retry_max_s:
+            raise ValueError("retry_initial_s must be <= retry_max_s")
+        names = [s.name for s in self.sink]
+        if len(set(names)) != len(names):
+            raise ValueError("sink names must be unique")
+        return self
 
 
 class FlSettings(Section):

@@ -21,7 +21,7 @@ from typing import Any
 from ..config.schema import NetworkSettings
 from .kernel import bpf_maps as maps
 from .kernel import iptables
-from .kernel.tc import DatapathError, TcDatapath, cgroup_ref, cleanup_stale, in_netns
+from .kernel.tc import DatapathError, TcDatapath, cgroup2_root, cgroup_ref, cleanup_stale, in_netns
 from .pacer import NfqueuePacer
 from .shaping.base import Machine
 from .shaping.factory import HistogramFileError, build_machine
@@ -38,7 +38,6 @@ BPF_OBJECT_PATHS = (
     Path("/usr/lib/tensorguard/bpf/netguard.bpf.o"),
     Path(__file__).resolve().parents[3] / "bpf" / "build" / "netguard.bpf.o",  # a checkout
 )
-CGROUP_ROOT = Path("/sys/fs/cgroup")
 
 
 def find_bpf_object() -> Path | None:
@@ -57,8 +56,29 @@ class Problem:
     value: str | None = None
 
 
+def system_slice() -> Path:
+    """Where systemd keeps the cgroups of system services."""
+    return (cgroup2_root() or Path("/sys/fs/cgroup")) / "system.slice"
+
+
 def unit_cgroup(unit: str) -> Path:
-    return CGROUP_ROOT / "system.slice" / unit
+    """The cgroup systemd gives a service while it runs (``system.slice/UNIT``)."""
+    return system_slice() / unit
+
+
+UnitCgroups = dict[str, tuple[int, int] | None]
+"""Protected unit -> (cgroup id, level) of its running instance, None while it is not running."""
+
+
+def resolve_unit_cgroups(settings: NetworkSettings) -> UnitCgroups:
+    refs: UnitCgroups = {}
+    for flow in settings.protect:
+        if flow.unit and flow.unit not in refs:
+            try:
+                refs[flow.unit] = cgroup_ref(unit_cgroup(flow.unit))
+            except DatapathError:
+                refs[flow.unit] = None
+    return refs
 
 
 class Datapath:
@@ -76,6 +96,7 @@ class Datapath:
         self.tc: dict[str, TcDatapath] = {}
         self.pacer: NfqueuePacer | None = None
         self.rules_applied = False
+        self.cgroups: UnitCgroups = {}
 
     # -- checks -----------------------------------------------------------------------------
 
@@ -92,11 +113,6 @@ class Datapath:
                                         f'"{ifname}"'))
         if not settings.protect:
             problems.append(Problem("network.protect", "no flow to protect: add [[network.protect]]"))
-        for i, flow in enumerate(settings.protect):
-            if flow.unit and not unit_cgroup(flow.unit).is_dir():
-                problems.append(Problem(f"network.protect[{i}].unit", "the unit is not running (its "
-                                        f"cgroup {unit_cgroup(flow.unit)} does not exist)",
-                                        f'"{flow.unit}"'))
         defence = settings.defence
         if defence.kind in {"cbr", "regulator"} and defence.rate_hz > MAX_PACE_RATE_HZ:
             problems.append(Problem("network.defence.rate_hz", "exceeds the pace path's capacity of "
@@ -108,9 +124,10 @@ class Datapath:
         if self.bpf_object is None:
             problems.append(Problem("network.enabled", "the compiled eBPF datapath (netguard.bpf.o) "
                                     "is not installed"))
-        if not problems and defence.kind != "none":
+        ruleset = None if problems else self._ruleset(settings, resolve_unit_cgroups(settings))
+        if ruleset is not None and defence.kind != "none":
             try:
-                iptables.check(self._ruleset(settings), self.netns)
+                iptables.check(ruleset, self.netns)
             except (iptables.IptablesError, iptables.RulesetError) as exc:
                 problems.append(Problem("network.protect", f"iptables refuses the rules: {exc}"))
         return problems
@@ -125,18 +142,23 @@ class Datapath:
 
     # -- building blocks ----------------------------------------------------------------------
 
-    def _ruleset(self, settings: NetworkSettings) -> iptables.Ruleset:
+    # A flow scoped to a unit that is not running has no cgroup to match: it is left out of the
+    # kernel until the unit starts (`refresh_cgroups`). Selector numbers stay the flow's position.
+
+    def _ruleset(self, settings: NetworkSettings, cgroups: UnitCgroups) -> iptables.Ruleset | None:
         selectors = tuple(
             iptables.Selector.parse(f"tg:{flow.name}:{i}", flow.destination, protocol=flow.protocol,
                                     ports=flow.ports, unit=flow.unit)
-            for i, flow in enumerate(settings.protect))
+            for i, flow in enumerate(settings.protect) if not flow.unit or cgroups.get(flow.unit))
+        if not selectors:
+            return None
         mode = iptables.FailMode.CLOSED if settings.fail_mode == "closed" else iptables.FailMode.OPEN
         return iptables.Ruleset(selectors, QUEUE_NUM, mode, SHAPER_MARK, SHAPER_MARK)
 
-    def _bpf_selectors(self, settings: NetworkSettings) -> list[maps.Selector]:
+    def _bpf_selectors(self, settings: NetworkSettings, cgroups: UnitCgroups) -> list[maps.Selector]:
         return [maps.Selector.parse(i + 1, flow.destination, flow.protocol, flow.ports,
-                                    cgroup=cgroup_ref(unit_cgroup(flow.unit)) if flow.unit else None)
-                for i, flow in enumerate(settings.protect)]
+                                    cgroup=cgroups[flow.unit] if flow.unit else None)
+                for i, flow in enumerate(settings.protect) if not flow.unit or cgroups.get(flow.unit)]
 
     def _mode(self, settings: NetworkSettings) -> maps.Mode:
         if settings.defence.kind == "none":
@@ -168,13 +190,14 @@ class Datapath:
         """eBPF first (telemetry and guard), then the pacer, then the rules that feed it."""
         settings = self.settings
         self.cleanup_stale()
+        self.cgroups = resolve_unit_cgroups(settings)
         try:
             for ifname in settings.interfaces:
                 dp = TcDatapath(ifname, self.netns, self.pin_root / ifname, str(self.bpf_object),
                                 config=maps.Config(maps.Mode.OBSERVE, SHAPER_MARK, SHAPER_MARK))
                 dp.load()
                 self.tc[ifname] = dp
-                dp.set_selectors(self._bpf_selectors(settings))
+                dp.set_selectors(self._bpf_selectors(settings, self.cgroups))
                 dp.attach()
             self._start_shaping(settings)
             for dp in self.tc.values():
@@ -192,8 +215,17 @@ class Datapath:
                                   fail_closed=settings.fail_mode == "closed", netns=self.netns,
                                   realtime_priority=10)
         self.pacer.start()
-        iptables.apply(self._ruleset(settings), self.netns)
-        self.rules_applied = True
+        self._apply_rules(settings)
+
+    def _apply_rules(self, settings: NetworkSettings) -> None:
+        """Swap in the rule set for ``settings`` and the current cgroups (none left: remove it)."""
+        ruleset = self._ruleset(settings, self.cgroups)
+        if ruleset is not None:
+            iptables.apply(ruleset, self.netns)
+            self.rules_applied = True
+        elif self.rules_applied:
+            iptables.remove(self.netns)
+            self.rules_applied = False
 
     def _stop_shaping(self) -> None:
         if self.rules_applied:
@@ -229,8 +261,9 @@ class Datapath:
             self.start()
             return
         self.settings = new
+        self.cgroups = resolve_unit_cgroups(new)
         for dp in self.tc.values():
-            dp.set_selectors(self._bpf_selectors(new))
+            dp.set_selectors(self._bpf_selectors(new, self.cgroups))
         restarted = False
         if new.defence != old.defence or new.fail_mode != old.fail_mode:
             machine = build_machine(new.defence, self.rng)
@@ -244,10 +277,30 @@ class Datapath:
                 self._stop_shaping()
                 self._start_shaping(new, machine)
                 restarted = True
-        if not restarted and self.rules_applied and new.protect != old.protect:
-            iptables.apply(self._ruleset(new), self.netns)
+        if not restarted and self.pacer is not None and new.protect != old.protect:
+            self._apply_rules(new)
         for dp in self.tc.values():
             dp.set_mode(self._mode(new))
+
+    def refresh_cgroups(self) -> list[str]:
+        """Follow protected units across restarts: a unit's new cgroup (new id, and a new
+        ``xt_cgroup`` target) replaces the old one in the eBPF selectors and the rule set.
+
+        Returns the units whose cgroup changed (started, stopped or restarted)."""
+        current = resolve_unit_cgroups(self.settings)
+        changed = [unit for unit, ref in current.items() if self.cgroups.get(unit) != ref]
+        if not changed:
+            return []
+        self.cgroups = current
+        for dp in self.tc.values():
+            dp.set_selectors(self._bpf_selectors(self.settings, current))
+        if self.pacer is not None:
+            self._apply_rules(self.settings)
+        return changed
+
+    @property
+    def follows_units(self) -> bool:
+        return any(flow.unit for flow in self.settings.protect)
 
     # -- what tgctl shows ---------------------------------------------------------------------
 
@@ -260,6 +313,8 @@ class Datapath:
             "pacer": None if self.pacer is None else {
                 "queue": QUEUE_NUM, **_jsonable(asdict(self.pacer.stats))},
             "iptables_rules": self.rules_applied,
+            "units": {unit: {"running": ref is not None, "cgroup_id": ref[0] if ref else None}
+                      for unit, ref in self.cgroups.items()},
         }
 
     def _flow_names(self) -> dict[int, str]:

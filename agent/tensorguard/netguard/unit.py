@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,8 @@ from ..control import RpcError, export
 from ..control.protocol import CONFIG_INVALID, UNAVAILABLE
 from ..service.metrics import Family
 from ..service.unit import SubsystemState, UnitService
-from .datapath import Datapath
+from .cgroupwatch import CgroupWatch
+from .datapath import Datapath, system_slice
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +28,9 @@ class NetguardService(UnitService):
 
     datapath: Datapath | None = None
     failure: str | None = None
+    follower: asyncio.Task[None] | None = None
+    RECHECK_S = 1.0
+    """How often protected units' cgroups are re-checked when no inotify event arrives."""
 
     @staticmethod
     def make_datapath(net: NetworkSettings) -> Datapath:
@@ -50,8 +55,36 @@ class NetguardService(UnitService):
             await asyncio.to_thread(datapath.start)
             self.datapath = datapath
             log.info("netguard running: %s", self.subsystem().detail)
+        self.follower = asyncio.create_task(self._follow_units(), name="netguard-follow-units")
+
+    async def _follow_units(self) -> None:
+        """Re-apply unit-scoped selectors whenever a protected unit starts, stops or restarts."""
+        watch = CgroupWatch([system_slice()])
+        watch.open()
+        try:
+            while True:
+                await watch.wait(self.RECHECK_S)
+                datapath = self.datapath
+                if datapath is None or not datapath.follows_units:
+                    continue
+                try:
+                    changed = datapath.refresh_cgroups()
+                except Exception as exc:  # keep following; the next event or timeout retries
+                    log.error("netguard: re-applying selectors for restarted units failed: %s", exc)
+                    continue
+                for unit in changed:
+                    ref = datapath.cgroups.get(unit)
+                    log.info("netguard: %s %s; its selectors were re-applied", unit,
+                             f"runs in cgroup {ref[0]}" if ref else "stopped")
+        finally:
+            watch.close()
 
     async def stop(self) -> None:
+        if self.follower is not None:
+            self.follower.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.follower
+            self.follower = None
         if self.datapath is not None:
             datapath, self.datapath = self.datapath, None
             await asyncio.to_thread(datapath.stop)

@@ -8,6 +8,7 @@ import secrets
 import signal
 import statistics
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,10 +16,13 @@ from pathlib import Path
 import pytest
 
 from tensorguard.control import RpcError, call
+from tensorguard.netguard.datapath import system_slice
+from tensorguard.netguard.kernel.tc import cgroup2_root
 
 from ...conftest import AgentDir, UnitProcess, start_unit, tgctl
 from ...netns import Link, require_root_netns, veth_pair
 from .test_pace_nfqueue import capture, send
+from .test_tc_bpf import CGROUP_SENDER
 
 PROTECTED, UNPROTECTED = 5300, 5301
 RATE = 200.0
@@ -207,4 +211,83 @@ def test_unknown_interface_at_start_is_refused_before_the_kernel_changes(
     units.append(unit)
     assert unit.proc.wait(20) == 78
     assert 'network.interfaces[1] = "nosuch0": no such interface' in unit.stderr_text()
+    assert kernel_state(robot, pin_dir) == CLEAN
+
+
+@pytest.fixture
+def unit_slice() -> Iterator[Path]:
+    """``system.slice`` of the cgroup v2 hierarchy, where netguard looks for protected units."""
+    slice_dir = system_slice()
+    if cgroup2_root() is None:
+        pytest.skip("no cgroup v2 hierarchy mounted")
+    created = not slice_dir.exists()
+    if created:
+        slice_dir.mkdir()
+    yield slice_dir
+    if created:
+        for _ in range(50):  # bounded: emptied once the test's cgroups are gone
+            try:
+                slice_dir.rmdir()
+                break
+            except OSError:
+                time.sleep(0.1)
+
+
+def send_from_cgroup(link: Link, cgroup: Path, n: int) -> None:
+    res = subprocess.run([sys.executable, "-c", CGROUP_SENDER, str(cgroup / "cgroup.procs"),
+                          link.robot_ns, link.peer_ip, str(PROTECTED), str(n)],
+                         capture_output=True, text=True, timeout=60, check=False)
+    assert res.returncode == 0, res.stderr
+
+
+def wait_unit_state(sock: Path, unit: str, running: bool, not_id: int | None = None) -> tuple[dict, float]:
+    start = time.monotonic()
+    while True:
+        state = call(sock, "net.status")["units"][unit]
+        if state["running"] == running and (not_id is None or state["cgroup_id"] != not_id):
+            return state, time.monotonic() - start
+        assert time.monotonic() - start < 5, f"netguard did not notice {unit}: {state}"
+        time.sleep(0.005)
+
+
+def test_unit_scoped_flow_follows_the_unit_across_restarts(
+        agent_dir: AgentDir, units: list[UnitProcess], robot: Link, pin_dir: Path,
+        unit_slice: Path) -> None:
+    name = f"tg-test-{secrets.token_hex(3)}.service"
+    cgroup = unit_slice / name
+    agent_dir.write(network_config(robot, pin_dir).replace(
+        'ports = "5300"', f'ports = "5300"\nunit = "{name}"'))
+    netguard = start_unit(agent_dir, "netguard")  # the protected unit is not running yet
+    units.append(netguard)
+    sock = agent_dir.socket("netguard")
+    assert call(sock, "net.status")["units"] == {name: {"running": False, "cgroup_id": None}}
+    shown = tgctl(agent_dir, "net", "status").stdout
+    assert f"unit {name}: not running; protected again as soon as it starts" in shown
+    try:
+        ids = []
+        for attempt in range(2):  # the unit starts, then restarts: a new cgroup each time
+            cgroup.mkdir()
+            state, noticed = wait_unit_state(sock, name, True)
+            print(f"start {attempt}: netguard re-applied the selectors {noticed * 1e3:.1f} ms after "
+                  "the unit's cgroup appeared")
+            ids.append(state["cgroup_id"])
+            before = call(sock, "net.status")["pacer"]["released"]
+            with capture(robot, [PROTECTED], 30, timeout=30 / RATE + 3) as got:
+                send_from_cgroup(robot, cgroup, 30)
+            assert len(got) == 30
+            assert call(sock, "net.status")["pacer"]["released"] - before == 30  # paced, not leaked
+            times = sorted(float(ts) for _, ts, *_ in got)  # type: ignore[arg-type]
+            gaps = [b - a for a, b in itertools.pairwise(times)]
+            assert abs(statistics.median(gaps) - 1 / RATE) < 0.0005, statistics.median(gaps)
+
+            before = call(sock, "net.status")["pacer"]["released"]
+            fast = deliver(robot, 20, PROTECTED)  # same destination, another sender: not the unit's
+            assert len(fast) == 20 and call(sock, "net.status")["pacer"]["released"] == before
+            cgroup.rmdir()  # the unit stops
+            wait_unit_state(sock, name, False)
+        assert ids[0] != ids[1]
+    finally:
+        if cgroup.exists():
+            cgroup.rmdir()
+    assert netguard.stop() == 0
     assert kernel_state(robot, pin_dir) == CLEAN

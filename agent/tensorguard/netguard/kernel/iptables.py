@@ -37,8 +37,8 @@ fail at commit time, where the batch is rejected as a whole and nothing changes 
 
 Limits: ``xt_cgroup --path`` works on the cgroup v2 hierarchy and resolves the path when the rule
 is loaded: the unit must be running, and the rule set must be re-applied after the unit restarts
-(its cgroup is a new one). Non-first IPv4 fragments carry no ports and do not match port
-selectors.
+(its cgroup is a new one); `Datapath.refresh_cgroups` does both. Non-first IPv4 fragments carry
+no ports and do not match port selectors.
 """
 
 from __future__ import annotations

@@ -222,6 +222,11 @@ def cgroup_ref(path: str | os.PathLike[str]) -> tuple[int, int]:
     return p.stat().st_ino, level
 
 
+def cgroup2_root() -> Path | None:
+    """Where the cgroup v2 hierarchy is mounted (unified, or hybrid's ``unified``), if anywhere."""
+    return next((Path(r) for r in CGROUP2_MOUNTS if is_cgroup2(Path(r))), None)
+
+
 def is_cgroup2(path: Path) -> bool:
     try:
         with open("/proc/mounts") as mounts:
