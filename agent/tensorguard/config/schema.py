@@ -434,6 +434,9 @@ class IdentitySettings(Section):
             raise ValueError("enabled = true needs server_url")
         if self.retry_initial_s > self.retry_max_s:
             raise ValueError("retry_initial_s must be <= retry_max_s")
+        if self.renew_jitter >= self.renew_fraction:
+            raise ValueError("renew_jitter must be smaller than renew_fraction (renewal never "
+                             "starts before the certificate does)")
         names = [s.name for s in self.sink]
         if len(set(names)) != len(names):
             raise ValueError("sink names must be unique")
