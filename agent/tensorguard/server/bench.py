@@ -1,0 +1,342 @@
+"""Issuance benchmark: certificates per second end to end over HTTPS, next to the sign-only ceiling.
+
+End to end means a real server process (2 uvicorn workers) on 127.0.0.1 and client processes with
+keep-alive HTTPS connections doing simpleenroll with pre-created tokens: body limit, CSR parse,
+self-signature check, policy, token redemption, signing, registry insert and audit append. Then the
+whole fleet renews over mTLS, one new connection per robot with its own certificate (simplereenroll):
+once with full handshakes, once more resuming each robot's TLS session from the first round.
+Untimed: creating tokens, the robots' keys and CSRs, their TLS contexts. Clients share the 2 cores
+with the server, so server CPU per certificate is reported as well.
+"""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import multiprocessing as mp
+import os
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from datetime import timedelta
+from multiprocessing.synchronize import Barrier
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import pkcs7
+from cryptography.x509.oid import NameOID
+
+from .ca import CAPaths, CertificateAuthority, init_ca
+from .policy import IssuancePolicy, approve
+from .store import SQLiteStore
+from .timeutil import utc_now
+from .tokens import new_token, token_hash
+
+TARGET_CERTS_PER_S = 1500.0
+TARGET_FLEET_S = 10.0
+FLEET = 10_000
+WORKERS = 2
+CLIENTS = 4
+EST = "/.well-known/est"
+Progress = Callable[[str], None]
+
+
+def _sign_loop(ca_dir: str, seconds: float, out: mp.Queue[tuple[int, float]]) -> None:
+    ca = CertificateAuthority.load(Path(ca_dir), IssuancePolicy("bench.test"))
+    key = ec.generate_private_key(ec.SECP256R1())
+    csr = _csr(key, "node-1")
+    approved = approve(csr, "node-1", ca.policy)
+    now = utc_now()
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        for _ in range(50):
+            ca.sign(approved, now)
+        count += 50
+    out.put((count, time.perf_counter() - start))
+
+
+def sign_only(ca_dir: Path, processes: int, seconds: float) -> dict[str, float]:
+    """The CA's builder+sign alone (same P-256 key and extensions), on all cores at once."""
+    ctx = mp.get_context("fork")
+    queue: mp.Queue[tuple[int, float]] = ctx.Queue()
+    procs = [ctx.Process(target=_sign_loop, args=(str(ca_dir), seconds, queue)) for _ in range(processes)]
+    for proc in procs:
+        proc.start()
+    results = [queue.get(timeout=seconds + 60) for _ in procs]
+    for proc in procs:
+        proc.join()
+    per_process = [count / elapsed for count, elapsed in results]
+    return {"sign_only_certs_per_s": round(sum(per_process)),
+            "sign_only_certs_per_s_per_core": round(sum(per_process) / len(per_process))}
+
+
+def _csr(key: ec.EllipticCurvePrivateKey, node: str) -> x509.CertificateSigningRequest:
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, node)])
+    return x509.CertificateSigningRequestBuilder().subject_name(name).sign(key, hashes.SHA256())
+
+
+def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())
+
+
+class _Connection:
+    """A minimal keep-alive HTTP/1.1 client over TLS: robots' own CPU is not what is measured, and
+    http.client costs ~0.3 ms per request on the cores the server needs."""
+
+    def __init__(self, port: int, context: ssl.SSLContext, session: ssl.SSLSession | None = None) -> None:
+        raw = socket.create_connection(("127.0.0.1", port))
+        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.sock = context.wrap_socket(raw, server_hostname="127.0.0.1", session=session)
+        self.buffer = b""
+
+    def post(self, path: str, body: bytes, extra_headers: str = "") -> bytes:
+        head = (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/pkcs10\r\n"
+                f"Content-Length: {len(body)}\r\n{extra_headers}\r\n")
+        self.sock.sendall(head.encode("latin-1") + body)
+        while b"\r\n\r\n" not in self.buffer:
+            self._fill()
+        header, _, self.buffer = self.buffer.partition(b"\r\n\r\n")
+        lines = header.split(b"\r\n")
+        length = next(int(line.split(b":", 1)[1]) for line in lines[1:]
+                      if line.lower().startswith(b"content-length:"))
+        while len(self.buffer) < length:
+            self._fill()
+        data, self.buffer = self.buffer[:length], self.buffer[length:]
+        if not lines[0].startswith(b"HTTP/1.1 200 "):
+            raise RuntimeError(f"{path}: {lines[0]!r}: {data[:200]!r}")
+        return data
+
+    def _fill(self) -> None:
+        chunk = self.sock.recv(65536)
+        if not chunk:
+            raise RuntimeError("server closed the connection")
+        self.buffer += chunk
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def _client(port: int, root: str, robots: list[tuple[str, str]], work: str, *, barrier: Barrier,
+            out: mp.Queue[dict[str, Any]]) -> None:
+    """One client process: enrols its robots on one keep-alive connection, then renews each over mTLS."""
+    keys = [ec.generate_private_key(ec.SECP256R1()) for _ in robots]
+    bodies = [base64.b64encode(_csr(k, node).public_bytes(serialization.Encoding.DER))
+              for k, (node, _) in zip(keys, robots, strict=True)]
+    conn = _Connection(port, ssl.create_default_context(cafile=root))
+    barrier.wait()
+    cpu, start = time.process_time(), time.perf_counter()
+    answers = [conn.post(f"{EST}/simpleenroll", body, f"Authorization: Bearer {token}\r\n")
+               for body, (_, token) in zip(bodies, robots, strict=True)]
+    out.put({"phase": "enroll", "start": start, "end": time.perf_counter(), "count": len(answers),
+             "cpu": time.process_time() - cpu})
+    conn.close()
+    contexts = []
+    for index, (key, answer) in enumerate(zip(keys, answers, strict=True)):
+        cert = pkcs7.load_der_pkcs7_certificates(base64.b64decode(answer))[0]
+        path = Path(work) / f"{os.getpid()}-{index}"
+        path.with_suffix(".key").write_bytes(_pem_key(key))
+        path.with_suffix(".crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        context = ssl.create_default_context(cafile=root)
+        context.load_cert_chain(path.with_suffix(".crt"), path.with_suffix(".key"))
+        contexts.append(context)
+    sessions: list[ssl.SSLSession | None] = [None] * len(contexts)
+    for phase in ("reenroll", "resumed"):
+        barrier.wait()
+        cpu, start = time.process_time(), time.perf_counter()
+        resumed = 0
+        for index, (context, body) in enumerate(zip(contexts, bodies, strict=True)):
+            robot = _Connection(port, context, sessions[index])
+            robot.post(f"{EST}/simplereenroll", body)
+            resumed += bool(robot.sock.session_reused)
+            sessions[index] = robot.sock.session  # what a robot keeps for its next renewal
+            robot.close()
+        out.put({"phase": phase, "start": start, "end": time.perf_counter(), "count": len(contexts),
+                 "cpu": time.process_time() - cpu, "resumed": resumed})
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User+system CPU of ``pid`` and its children that are still running (the uvicorn workers)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if entry.name == str(pid) or fields[1] == str(pid):
+            total += (int(fields[11]) + int(fields[12])) / ticks
+    return total
+
+
+def _start_server(ca_dir: Path) -> tuple[subprocess.Popen[str], int]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tensorguard.server.cli", "serve", "--dir", str(ca_dir), "--port", "0",
+         "--workers", str(WORKERS), "--log-level", "warning"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    if not line.startswith("listening on "):
+        proc.kill()
+        raise RuntimeError(f"server did not start: {line!r} {proc.communicate()[1][-2000:]}")
+    port = int(line.strip().rsplit(":", 1)[1])
+    root = ssl.create_default_context(cafile=str(CAPaths(ca_dir).root_cert))
+    deadline = time.monotonic() + 30
+    while True:  # both workers must be serving before the clock starts
+        try:
+            conn = http.client.HTTPSConnection("127.0.0.1", port, context=root, timeout=5)
+            conn.request("GET", "/healthz")
+            if conn.getresponse().status == 200 and len(_worker_pids(proc.pid)) == WORKERS:
+                conn.close()
+                break
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError("server did not answer /healthz within 30 s")
+        time.sleep(0.1)
+    time.sleep(0.5)
+    return proc, port
+
+
+def _worker_pids(parent: int) -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if (entry / "stat").read_text().rsplit(")", 1)[1].split()[1] == str(parent):
+                    pids.append(int(entry.name))
+            except OSError:
+                continue
+    return pids
+
+
+def _phase(results: list[dict[str, Any]]) -> tuple[int, float, float]:
+    count = sum(r["count"] for r in results)
+    elapsed = max(r["end"] for r in results) - min(r["start"] for r in results)
+    return count, elapsed, sum(r["cpu"] for r in results)
+
+
+def end_to_end(ca_dir: Path, robots: int, progress: Progress) -> dict[str, Any]:
+    """Enrol ``robots`` robots over HTTPS, then renew all of them over mTLS; measured figures."""
+    store = SQLiteStore(CAPaths(ca_dir).database)
+    now = utc_now()
+    tokens = []
+    for index in range(robots):
+        token = new_token()
+        store.add_token(token_hash(token), f"robot-{index:05d}", now, now + timedelta(hours=1))
+        tokens.append((f"robot-{index:05d}", token))
+    progress(f"{robots} tokens created; starting the server ({WORKERS} workers)")
+    server, port = _start_server(ca_dir)
+    work = tempfile.mkdtemp(prefix="tg-bench-robots-")
+    ctx = mp.get_context("fork")
+    barrier = ctx.Barrier(CLIENTS + 1)
+    queue: mp.Queue[dict[str, Any]] = ctx.Queue()
+    slices = [tokens[i::CLIENTS] for i in range(CLIENTS)]
+    clients = [ctx.Process(target=_client, args=(port, str(CAPaths(ca_dir).root_cert), part, work),
+                           kwargs={"barrier": barrier, "out": queue}) for part in slices]
+    try:
+        for proc in clients:
+            proc.start()
+        progress("clients are making their keys and CSRs (not timed)")
+        barrier.wait(timeout=600)
+        cpu0 = _cpu_seconds(server.pid)
+        enroll = [queue.get(timeout=600) for _ in clients]
+        cpu1 = _cpu_seconds(server.pid)
+        progress("enrolment done; clients are preparing their mTLS contexts (not timed)")
+        barrier.wait(timeout=600)
+        cpu2 = _cpu_seconds(server.pid)
+        renew = [queue.get(timeout=600) for _ in clients]
+        cpu3 = _cpu_seconds(server.pid)
+        progress("fleet renewed with full handshakes; again, resuming TLS sessions")
+        barrier.wait(timeout=600)
+        cpu4 = _cpu_seconds(server.pid)
+        warm = [queue.get(timeout=600) for _ in clients]
+        cpu5 = _cpu_seconds(server.pid)
+        for proc in clients:
+            proc.join(timeout=60)
+        issued = len(store.issued())
+    finally:
+        for proc in clients:
+            if proc.is_alive():
+                proc.kill()
+        server.send_signal(signal.SIGTERM)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+        shutil.rmtree(work, ignore_errors=True)
+    enrolled, enroll_s, enroll_client_cpu = _phase(enroll)
+    renewed, renew_s, _ = _phase(renew)
+    warmed, warm_s, _ = _phase(warm)
+    if issued != enrolled + renewed + warmed:
+        raise RuntimeError(f"registry holds {issued} certificates, expected {enrolled + renewed + warmed}")
+    return {
+        "robots": robots,
+        "e2e_certs_per_s": round(enrolled / enroll_s),
+        "e2e_enroll_s": round(enroll_s, 3),
+        "e2e_server_cpu_ms_per_cert": round((cpu1 - cpu0) / enrolled * 1000, 3),
+        "e2e_client_cpu_ms_per_cert": round(enroll_client_cpu / enrolled * 1000, 3),
+        "fleet_reissue_robots": renewed,
+        "fleet_reissue_s": round(renew_s, 3),
+        "fleet_reissue_certs_per_s": round(renewed / renew_s),
+        "fleet_reissue_server_cpu_ms_per_cert": round((cpu3 - cpu2) / renewed * 1000, 3),
+        "fleet_reissue_resumed_s": round(warm_s, 3),
+        "fleet_reissue_resumed_certs_per_s": round(warmed / warm_s),
+        "fleet_reissue_resumed_sessions": sum(r["resumed"] for r in warm),
+        "fleet_reissue_resumed_server_cpu_ms_per_cert": round((cpu5 - cpu4) / warmed * 1000, 3),
+        "issued_rows": issued,
+    }
+
+
+def run(quick: bool, progress: Progress) -> dict[str, Any]:
+    """Measure everything; keys are snake_case with units. Quick: 2,000 robots instead of 10,000."""
+    robots = 2_000 if quick else FLEET
+    with tempfile.TemporaryDirectory(prefix="tg-bench-ca-") as tmp:
+        ca_dir = Path(tmp) / "ca"
+        init_ca(ca_dir, "bench.test", ["127.0.0.1"], utc_now())
+        cores = os.cpu_count() or 1
+        progress(f"sign-only ceiling on {cores} cores")
+        results: dict[str, Any] = {"cores": cores, **sign_only(ca_dir, cores, 1.0 if quick else 3.0)}
+        results.update(end_to_end(ca_dir, robots, progress))
+    results["e2e_target_certs_per_s"] = TARGET_CERTS_PER_S
+    results["e2e_target_met"] = results["e2e_certs_per_s"] >= TARGET_CERTS_PER_S
+    results["e2e_share_of_sign_only_pct"] = round(100 * results["e2e_certs_per_s"]
+                                                  / results["sign_only_certs_per_s"], 1)
+    if robots == FLEET:
+        results["fleet_10000_reissue_s"] = results["fleet_reissue_s"]
+        results["fleet_target_met"] = results["fleet_reissue_s"] <= TARGET_FLEET_S
+    results["fleet_target_s"] = TARGET_FLEET_S
+    return results
+
+
+def table(results: dict[str, Any]) -> str:
+    """The figures as a small text table, targets next to what was measured."""
+    rows = [
+        ("sign-only ceiling (builder+sign, all cores)", f"{results['sign_only_certs_per_s']} certs/s"),
+        ("end to end over HTTPS (simpleenroll)", f"{results['e2e_certs_per_s']} certs/s "
+         f"(target >= {TARGET_CERTS_PER_S:.0f}: {'met' if results['e2e_target_met'] else 'MISSED'}; "
+         f"{results['e2e_share_of_sign_only_pct']}% of sign-only)"),
+        ("server CPU per certificate (enrol)", f"{results['e2e_server_cpu_ms_per_cert']} ms"),
+        (f"fleet re-issue over mTLS ({results['fleet_reissue_robots']} robots)",
+         f"{results['fleet_reissue_s']} s ({results['fleet_reissue_certs_per_s']} certs/s, server CPU "
+         f"{results['fleet_reissue_server_cpu_ms_per_cert']} ms/cert)"),
+        ("  again, resuming TLS sessions", f"{results['fleet_reissue_resumed_s']} s "
+         f"({results['fleet_reissue_resumed_sessions']} resumed)"),
+    ]
+    if "fleet_10000_reissue_s" in results:
+        rows.append(("10,000-robot fleet re-issue", f"{results['fleet_10000_reissue_s']} s (target <= "
+                     f"{TARGET_FLEET_S:.0f} s: {'met' if results['fleet_target_met'] else 'MISSED'})"))
+    width = max(len(name) for name, _ in rows)
+    return "\n".join(f"{name.ljust(width)}  {value}" for name, value in rows)

@@ -1,0 +1,38 @@
+"""Everything `tensorguard server serve` needs, in one value (the [server] table of agent.toml later)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+from .ca import CAPaths
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """Server settings; the trust domain is not here because `ca init` fixes it in the CA directory."""
+
+    ca_dir: Path
+    host: str = "127.0.0.1"
+    port: int = 8443
+    workers: int = 1
+    cert_lifetime: timedelta = timedelta(hours=1)
+    backdate: timedelta = timedelta(seconds=60)
+    dns_templates: tuple[str, ...] = ()
+    max_body_bytes: int = 16 * 1024
+    sqlite_synchronous: str = "NORMAL"
+    log_level: str = "info"
+    access_log: bool = False
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port {self.port} is not in 0..65535")
+        if not 1 <= self.workers <= 64:
+            raise ValueError(f"workers must be 1..64, not {self.workers}")
+        if not 1024 <= self.max_body_bytes <= 1024 * 1024:
+            raise ValueError(f"max body must be 1 KiB..1 MiB, not {self.max_body_bytes} bytes")
+
+    @property
+    def paths(self) -> CAPaths:
+        return CAPaths(self.ca_dir)

@@ -1,0 +1,87 @@
+"""HTTPS for the API: the TLS context, and the client certificate handed to the app.
+
+uvicorn does not put the peer certificate into the ASGI scope. `PeerCertH11Protocol` is uvicorn's
+h11 protocol (selected with ``Config(http=PeerCertH11Protocol)``) that adds the ASGI TLS extension
+(asgiref specs/tls.rst: ``scope["extensions"]["tls"]``) with the verified client certificate of the
+connection. Python's ssl module exposes only the leaf of the client's chain, so
+``client_cert_chain`` holds one PEM certificate at most.
+
+Client certificates are verified in the handshake (chain to our CA, signatures, clientAuth purpose)
+except for their dates: with TLS 1.3 a handshake refusal reaches the client only as "server
+disconnected", with no reason and no audit entry. Dates are checked instead by `peer.PeerVerifier`,
+with the app's clock, and an expired certificate gets a 403 naming its expiry. Every use of the client
+certificate must go through `PeerVerifier.verify`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections.abc import Awaitable, Callable, MutableMapping
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+Scope = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
+Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+_TLS_VERSIONS = {"TLSv1.2": 0x0303, "TLSv1.3": 0x0304}
+X509_V_FLAG_NO_CHECK_TIME = 0x200000
+"""OpenSSL's X509_VERIFY_PARAM flag (X509_VERIFY_PARAM_set_flags(3)); Python's ssl has no name for it."""
+
+
+def server_context(cert_chain: Path, key: Path, client_ca: Path) -> ssl.SSLContext:
+    """TLS 1.2+; a client certificate is optional, and when sent must chain to ``client_ca`` (its dates
+    are checked by the app, see the module docstring)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(cert_chain, key)
+    context.load_verify_locations(cafile=client_ca)
+    context.verify_mode = ssl.CERT_OPTIONAL
+    context.verify_flags |= X509_V_FLAG_NO_CHECK_TIME
+    return context
+
+
+def tls_extension(ssl_object: ssl.SSLObject | ssl.SSLSocket, server_cert_pem: str | None) -> dict[str, Any]:
+    """The ASGI TLS extension dict for one established connection."""
+    der = ssl_object.getpeercert(binary_form=True)
+    chain = [ssl.DER_cert_to_PEM_cert(der)] if der else []
+    subject = x509.load_der_x509_certificate(der).subject.rfc4514_string() if der else None
+    version = ssl_object.version()
+    return {
+        "server_cert": server_cert_pem,
+        "client_cert_chain": chain,
+        "client_cert_name": subject,
+        "client_cert_error": None,  # the handshake refuses chains that do not verify
+        "tls_version": _TLS_VERSIONS.get(version or ""),
+        "cipher_suite": None,  # the ssl module gives the name only, not the IANA number
+    }
+
+
+class _WithTLS:
+    """Adds one connection's TLS extension to every HTTP scope on that connection."""
+
+    def __init__(self, app: ASGIApp, tls: dict[str, Any]) -> None:
+        self.app = app
+        self.tls = tls
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        extensions = scope.setdefault("extensions", {})
+        extensions["tls"] = self.tls
+        await self.app(scope, receive, send)
+
+
+class PeerCertH11Protocol(H11Protocol):
+    """uvicorn's h11 HTTP/1.1 protocol plus the ASGI TLS extension (client certificate)."""
+
+    server_cert_pem: str | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        ssl_object = transport.get_extra_info("ssl_object")
+        if ssl_object is not None:
+            self.app = _WithTLS(self.app, tls_extension(ssl_object, self.server_cert_pem))

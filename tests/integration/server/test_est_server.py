@@ -1,0 +1,292 @@
+"""The CA as its real server process on 127.0.0.1: enrol, renew over mTLS, and every refusal."""
+
+from __future__ import annotations
+
+import base64
+import signal
+import ssl
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+import httpx
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.serialization import pkcs7
+
+from tensorguard.server.ca import CAPaths, CertificateAuthority
+from tensorguard.server.policy import IssuancePolicy
+from tensorguard.server.store import SQLiteStore
+from tensorguard.server.timeutil import utc_now
+from tests.unit.server.helpers import b64, key_pem, make_ca, make_csr, p256, spiffe, tamper_signature
+
+SERVER = [sys.executable, "-m", "tensorguard.server.cli"]
+TRUST_DOMAIN = "fleet.test"
+PKCS10 = {"Content-Type": "application/pkcs10"}
+
+
+@dataclass
+class Server:
+    """A running `tensorguard server serve` and its CA directory."""
+
+    proc: subprocess.Popen[str]
+    url: str
+    ca_dir: Path
+
+    @property
+    def est(self) -> str:
+        return f"{self.url}/.well-known/est"
+
+    @property
+    def store(self) -> SQLiteStore:
+        return SQLiteStore(CAPaths(self.ca_dir).database)
+
+    def token(self, node: str) -> str:
+        out = subprocess.run([*SERVER, "token", "create", "--dir", str(self.ca_dir), "--node-id", node],
+                             capture_output=True, text=True, timeout=60, check=True)
+        return out.stdout.strip()
+
+    def client(self, cert: Path | None = None, key: Path | None = None) -> httpx.Client:
+        context = ssl.create_default_context(cafile=str(CAPaths(self.ca_dir).root_cert))
+        if cert is not None:
+            context.load_cert_chain(cert, key)
+        return httpx.Client(verify=context, timeout=10)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    ca_dir = tmp_path_factory.mktemp("server") / "ca"
+    subprocess.run([*SERVER, "ca", "init", "--dir", str(ca_dir), "--trust-domain", TRUST_DOMAIN,
+                    "--host-name", "localhost", "--host-name", "127.0.0.1"],
+                   capture_output=True, text=True, timeout=60, check=True)
+    proc = subprocess.Popen([*SERVER, "serve", "--dir", str(ca_dir), "--port", "0", "--workers", "2",
+                             "--log-level", "warning"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert line.startswith("listening on https://127.0.0.1:"), line + proc.stderr.read()  # type: ignore[union-attr]
+        handle = Server(proc, line.split()[-1], ca_dir)
+        deadline = time.monotonic() + 20
+        with handle.client() as client:
+            while True:
+                try:
+                    if client.get(f"{handle.url}/healthz").status_code == 200:
+                        break
+                except httpx.TransportError:
+                    if time.monotonic() > deadline:
+                        raise
+                time.sleep(0.1)
+        yield handle
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def _cert(response: httpx.Response) -> x509.Certificate:
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == "application/pkcs7-mime; smime-type=certs-only"
+    (cert,) = pkcs7.load_der_pkcs7_certificates(base64.b64decode(response.content))
+    return cert
+
+
+def _enrol(server: Server, node: str, tmp_path: Path) -> tuple[Path, Path, x509.Certificate]:
+    key = p256()
+    with server.client() as client:
+        cert = _cert(client.post(f"{server.est}/simpleenroll", content=b64(make_csr(key, cn=node)),
+                                 headers={**PKCS10, "Authorization": f"Bearer {server.token(node)}"}))
+    key_path, cert_path = tmp_path / f"{node}.key", tmp_path / f"{node}.crt"
+    key_path.write_bytes(key_pem(key))
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return cert_path, key_path, cert
+
+
+def _issued(server: Server) -> int:
+    return len(server.store.issued())
+
+
+def _last_refusal(server: Server, kind: str) -> tuple[str | None, object]:
+    record = server.store.audit_records(f"est.{kind}.refused")[-1]
+    return record.reason, record.fields.get("status")
+
+
+def test_cacerts_and_health(server: Server) -> None:
+    with server.client() as client:
+        response = client.get(f"{server.est}/cacerts")
+        assert response.status_code == 200
+        assert response.headers["content-type"] == "application/pkcs7-mime"
+        chain = pkcs7.load_der_pkcs7_certificates(base64.b64decode(response.content))
+        root = x509.load_pem_x509_certificate(CAPaths(server.ca_dir).root_cert.read_bytes())
+        assert chain[-1] == root and len(chain) == 2
+        health = client.get(f"{server.url}/healthz").json()
+        assert health["status"] == "ok" and health["trust_domain"] == TRUST_DOMAIN
+        assert client.get(f"{server.url}/docs").status_code == 200
+        paths = client.get(f"{server.url}/openapi.json").json()["paths"]
+        assert "/.well-known/est/simpleenroll" in paths and "/.well-known/est/simplereenroll" in paths
+
+
+def test_enrol_then_replay_is_refused(server: Server, tmp_path: Path) -> None:
+    key = p256()
+    token = server.token("robot-1")
+    with server.client() as client:
+        headers = {**PKCS10, "Authorization": f"Bearer {token}"}
+        cert = _cert(client.post(f"{server.est}/simpleenroll", content=b64(make_csr(key, cn="robot-1")),
+                                 headers=headers))
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        assert san.get_values_for_type(x509.UniformResourceIdentifier) == [spiffe("robot-1")]
+        lifetime = cert.not_valid_after - cert.not_valid_before
+        assert lifetime == timedelta(hours=1, seconds=60)
+        before = _issued(server)
+        replay = client.post(f"{server.est}/simpleenroll", content=b64(make_csr(p256(), cn="robot-1")),
+                             headers=headers)
+    assert replay.status_code == 401
+    assert replay.json()["code"] == "token_used" and "single-use" in replay.json()["detail"]
+    assert _issued(server) == before
+    assert _last_refusal(server, "enroll") == (replay.json()["detail"], 401)
+
+
+def test_renew_over_mtls(server: Server, tmp_path: Path) -> None:
+    cert_path, key_path, first = _enrol(server, "robot-2", tmp_path)
+    with server.client(cert_path, key_path) as client:
+        response = client.post(f"{server.est}/simplereenroll", content=b64(make_csr(p256())), headers=PKCS10)
+    second = _cert(response)
+    assert second.serial_number != first.serial_number
+    san = second.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.UniformResourceIdentifier) == [spiffe("robot-2")]
+    assert [r.kind for r in server.store.issued("robot-2")] == ["enroll", "reenroll"]
+
+
+def test_renew_without_a_client_certificate_is_refused(server: Server) -> None:
+    with server.client() as client:
+        response = client.post(f"{server.est}/simplereenroll", content=b64(make_csr(p256())), headers=PKCS10)
+    assert response.status_code == 401 and "no client certificate" in response.json()["detail"]
+
+
+def test_renew_for_another_node_is_refused(server: Server, tmp_path: Path) -> None:
+    cert_path, key_path, _ = _enrol(server, "robot-3", tmp_path)
+    before = _issued(server)
+    with server.client(cert_path, key_path) as client:
+        response = client.post(f"{server.est}/simplereenroll", content=b64(make_csr(p256(), cn="robot-4")),
+                               headers=PKCS10)
+    assert response.status_code == 403 and "another node" in response.json()["detail"]
+    assert _issued(server) == before
+    assert _last_refusal(server, "reenroll") == (response.json()["detail"], 403)
+
+
+def test_an_expired_certificate_cannot_renew(server: Server, tmp_path: Path) -> None:
+    key = p256()
+    ca = CertificateAuthority.load(server.ca_dir, IssuancePolicy(TRUST_DOMAIN))
+    # Issued 3 minutes ago (the CA was created just now, backdated 5 minutes) for 2 seconds.
+    expired = ca.issue(make_csr(key), "robot-5", utc_now() - timedelta(minutes=3), lifetime=timedelta(seconds=2))
+    assert expired.not_valid_after < utc_now().replace(tzinfo=None)
+    (tmp_path / "old.crt").write_bytes(expired.public_bytes(serialization.Encoding.PEM))
+    (tmp_path / "old.key").write_bytes(key_pem(key))
+    before = _issued(server)
+    with server.client(tmp_path / "old.crt", tmp_path / "old.key") as client:
+        response = client.post(f"{server.est}/simplereenroll", content=b64(make_csr(key)), headers=PKCS10)
+    assert response.status_code == 403
+    assert f"(serial {expired.serial_number:x}) expired at" in response.json()["detail"]
+    assert _issued(server) == before
+    assert _last_refusal(server, "reenroll") == (response.json()["detail"], 403)
+
+
+def test_a_certificate_from_another_ca_fails_the_handshake(server: Server, tmp_path: Path) -> None:
+    key = p256()
+    other = make_ca(tmp_path / "other", now=utc_now())
+    cert = other.issue(make_csr(key), "robot-2", utc_now())
+    (tmp_path / "f.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (tmp_path / "f.key").write_bytes(key_pem(key))
+    before = _issued(server)
+    with server.client(tmp_path / "f.crt", tmp_path / "f.key") as client, pytest.raises(httpx.TransportError):
+        client.post(f"{server.est}/simplereenroll", content=b64(make_csr(key)), headers=PKCS10)
+    assert _issued(server) == before
+
+
+def test_a_token_for_another_node_is_refused(server: Server) -> None:
+    token = server.token("robot-6")
+    before = _issued(server)
+    with server.client() as client:
+        response = client.post(f"{server.est}/simpleenroll", content=b64(make_csr(p256(), cn="robot-7")),
+                               headers={**PKCS10, "Authorization": f"Bearer {token}"})
+    assert response.status_code == 403
+    assert "asks for another node" in response.json()["detail"]
+    assert _issued(server) == before
+    assert _last_refusal(server, "enroll") == (response.json()["detail"], 403)
+
+
+def test_a_disallowed_san_is_refused(server: Server) -> None:
+    token = server.token("robot-8")
+    csr = make_csr(p256(), sans=[x509.DNSName("ca.fleet.test"), x509.UniformResourceIdentifier(spiffe("robot-8"))])
+    before = _issued(server)
+    with server.client() as client:
+        response = client.post(f"{server.est}/simpleenroll", content=b64(csr),
+                               headers={**PKCS10, "Authorization": f"Bearer {token}"})
+    assert response.status_code == 403 and "DNS SAN ca.fleet.test is not allowed" in response.json()["detail"]
+    assert _issued(server) == before
+
+
+@pytest.mark.parametrize(("body", "headers", "status", "needle"), [
+    (b"!!! not base64 !!!", PKCS10, 400, "neither base64"),
+    (base64.b64encode(b"\x30\x03\x02\x01\x01"), PKCS10, 400, "not a DER PKCS#10"),
+    (None, PKCS10, 400, "self-signature does not verify"),
+    (b"A" * 20000, PKCS10, 413, "exceeds the limit of 16384 bytes"),
+    (b"AAAA", {"Content-Type": "text/plain"}, 415, "must be application/pkcs10"),
+], ids=["garbage", "not-a-csr", "bad-signature", "oversize", "content-type"])
+def test_bad_input_gets_a_reason_and_an_audit_entry(server: Server, body: bytes | None,
+                                                    headers: dict[str, str], status: int, needle: str) -> None:
+    token = server.token("robot-9")
+    if body is None:
+        body = base64.b64encode(tamper_signature(make_csr(p256(), cn="robot-9")))
+    before = _issued(server)
+    with server.client() as client:
+        response = client.post(f"{server.est}/simpleenroll", content=body,
+                               headers={**headers, "Authorization": f"Bearer {token}"})
+    assert response.status_code == status
+    assert needle in response.json()["detail"]
+    assert _issued(server) == before
+    assert _last_refusal(server, "enroll") == (response.json()["detail"], status)
+    assert token not in str(server.store.audit_records())
+
+
+def test_oversize_chunked_body_is_cut_off(server: Server) -> None:
+    def chunks() -> Iterator[bytes]:
+        for _ in range(40):
+            yield b"A" * 1024
+
+    with server.client() as client:
+        response = client.post(f"{server.est}/simpleenroll", content=chunks(),
+                               headers={**PKCS10, "Authorization": f"Bearer {server.token('robot-10')}"})
+    assert response.status_code == 413 and "exceeds the limit" in response.json()["detail"]
+
+
+def test_sigterm_stops_all_workers(tmp_path: Path) -> None:
+    ca_dir = tmp_path / "ca"
+    subprocess.run([*SERVER, "ca", "init", "--dir", str(ca_dir), "--trust-domain", TRUST_DOMAIN],
+                   capture_output=True, text=True, timeout=60, check=True)
+    proc = subprocess.Popen([*SERVER, "serve", "--dir", str(ca_dir), "--port", "0", "--workers", "2"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().startswith("listening on")
+        time.sleep(1.0)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=15) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_serve_refuses_a_missing_ca(tmp_path: Path) -> None:
+    out = subprocess.run([*SERVER, "serve", "--dir", str(tmp_path / "nope"), "--port", "0"],
+                         capture_output=True, text=True, timeout=60, check=False)
+    assert out.returncode == 1 and "ca init" in out.stderr
