@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -41,50 +40,36 @@ def build_parser() -> argparse.ArgumentParser:
                          help=f"main config file (default: {DEFAULT_CONFIG})")
         cmd.add_argument("--drop-in-dir", type=Path, default=None, metavar="DIR",
                          help="drop-in directory (default: agent.d beside the config)")
+    sub.add_parser("server", help="the control plane: CA, bootstrap tokens, HTTPS API "
+                   "(`tensorguard server --help`)", add_help=False)
     bench = sub.add_parser(
         "bench", help="measure the project against its baseline in one run",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Benchmarks measure TensorGuard and its baseline in the same run and print a "
-        "table with the ratio. datapath: UDP and TCP between two network namespaces through (a) no "
-        "agent, (b) netguard's eBPF telemetry, (c) pace mode with CBR; needs root.")
-    bench.add_argument("name", choices=["datapath"])
+        "table with the ratio.\n\n"
+        "  datapath  UDP and TCP between two network namespaces through (a) no agent, (b) netguard's\n"
+        "            eBPF telemetry, (c) pace mode with CBR; needs root\n"
+        "  renewal   the fault harness: 1,000 robots (100 with --quick) x 24 h of CA outages, clock\n"
+        "            steps, suspends, kill -9 mid-install and full disks, replayed against\n"
+        "            TensorGuard's renewal, step-ca's and cert-manager's policies\n"
+        "  identity  CA issuance over HTTPS next to the sign-only ceiling, re-issuing a 10,000-robot\n"
+        "            fleet, and verifying a 1,000,000-entry audit log")
+    bench.add_argument("name", choices=["datapath", "renewal", "identity"])
     bench.add_argument("--quick", action="store_true", help="fewer packets: a minute or two")
     bench.add_argument("--json", action="store_true", help="print one JSON object of the figures")
     return parser
 
 
-def run_bench(name: str, quick: bool, as_json: bool) -> int:
-    from ..netguard.bench import datapath  # noqa: PLC0415 (only the bench needs it)
-
-    def progress(message: str) -> None:
-        print(f"[bench {name}] {message}", file=sys.stderr, flush=True)
-
-    try:
-        results, verdicts = datapath.run(quick, progress=progress)
-    except (PermissionError, RuntimeError) as exc:
-        print(f"tensorguard bench {name}: {exc}", file=sys.stderr)
-        return 1
-    if as_json:
-        print(json.dumps({**datapath.as_json(results, datapath.BASELINE), "targets": verdicts},
-                         indent=2))
-    else:
-        print(datapath.table(results, datapath.BASELINE))
-        for proto, verdict in verdicts.items():
-            print(f"\n{proto}: eBPF telemetry costs {verdict['telemetry_throughput_cost_pct']}% of "
-                  f"throughput (median of paired rounds; target <= 5%: "
-                  f"{'met' if verdict['telemetry_cost_ok'] else 'MISSED'}) and "
-                  f"{verdict['telemetry_cpu_per_packet_cost_pct']}% CPU per packet; "
-                  f"pace path {verdict['pace_capacity_pps']} pkt/s (target >= 30000: "
-                  f"{'met' if verdict['pace_capacity_ok'] else 'MISSED'}), loss at 80% "
-                  f"{verdict['pace_loss_at_80pct']} ({'met' if verdict['pace_zero_loss_ok'] else 'MISSED'}), "
-                  f"added p99 {verdict['pace_added_latency_p99_ms']} ms (target <= "
-                  f"{verdict['pace_latency_limit_ms']} ms: "
-                  f"{'met' if verdict['pace_latency_ok'] else 'MISSED'})")
-    return 0
-
-
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["server"]:  # its own command tree (tensorguard.server.cli)
+        from ..server.cli import main as server_main  # noqa: PLC0415
+
+        return server_main(argv[1:])
     args = build_parser().parse_args(argv)
     if args.command == "bench":
+        from .bench import run_bench  # noqa: PLC0415 (late import keeps --help fast)
+
         return run_bench(args.name, args.quick, args.json)
     from ..service.runner import run_units  # noqa: PLC0415 (late import keeps --help fast)
 

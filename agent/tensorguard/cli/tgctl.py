@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import sys
@@ -278,6 +279,80 @@ def cmd_net_defence(ctl: Ctl, kind: str, rate: float | None) -> int:
     return EXIT_OK
 
 
+def _identity(ctl: Ctl, method: str, params: dict[str, Any] | None = None) -> Any:
+    if ctl.unit_given and ctl.units != ["identity"]:
+        raise Failure("identity commands talk to the identity unit only", EXIT_USAGE)
+    return ctl.call("identity", method, params)
+
+
+def _when(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    stamp = datetime.datetime.fromtimestamp(seconds, datetime.UTC)
+    return stamp.isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def cmd_identity_show(ctl: Ctl) -> int:
+    info = _identity(ctl, "identity.show")
+    lines = [f"identity: {info['state']}: {info['detail']}"]
+    if "serial" in info:
+        nxt = info.get("next_renewal_in_s")
+        lines += [f"  spiffe id:     {info['spiffe_id']}",
+                  f"  serial:        {info['serial']}",
+                  f"  valid:         {_when(info['not_before'])} .. {_when(info['not_after'])} "
+                  f"({info['expires_in_s']:.0f} s left)",
+                  f"  next renewal:  {'-' if nxt is None else f'in {nxt:.0f} s'} ({info['phase']})",
+                  f"  renewals:      {info['renewals']} ({info['failures']} failed attempts)"]
+        for sink in info.get("sinks", []):
+            state = {True: "current", False: "STALE", None: "-"}[sink["current"]]
+            lines.append(f"  sink {sink['name']} ({sink['kind']}): {state}; reload: {sink['reload']}")
+    if info.get("audit_size") is not None:
+        lines.append(f"  audit log:     {info['audit_size']} entries")
+    ctl.emit(info, "\n".join(lines))
+    return EXIT_OK
+
+
+def cmd_identity_renew(ctl: Ctl) -> int:
+    done = _identity(ctl, "identity.renew")
+    ctl.emit(done, f"identity: renewed: serial {done['serial']}, valid until {_when(done['not_after'])}")
+    return EXIT_OK
+
+
+def cmd_identity_enrol(ctl: Ctl, token_file: Path | None) -> int:
+    if token_file is None or str(token_file) == "-":
+        token = sys.stdin.readline().strip()
+    else:
+        try:
+            token = token_file.read_text(encoding="ascii").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise Failure(f"cannot read the token from {token_file}: {exc}", EXIT_USAGE) from None
+    if not token:
+        raise Failure("no bootstrap token given (on stdin or with --token-file)", EXIT_USAGE)
+    done = _identity(ctl, "identity.enrol", {"token": token})
+    ctl.emit(done, f"identity: enrolled: serial {done['serial']}, valid until {_when(done['not_after'])}")
+    return EXIT_OK
+
+
+def cmd_identity_audit_verify(ctl: Ctl) -> int:
+    result = _identity(ctl, "identity.audit.verify")
+    if not result["ok"]:
+        ctl.emit(result, f"identity audit: VERIFICATION FAILED: {result['error']}")
+        return EXIT_FAILED
+    ctl.emit(result, f"identity audit: ok: {result['size']} entries, root {result['root']}, "
+             f"consistent with the previously verified size {result['previous_verified_size']} "
+             f"({result['seconds'] * 1e3:.1f} ms)\nverifier key: {result['vkey']}")
+    return EXIT_OK
+
+
+def cmd_identity_audit_proof(ctl: Ctl, index: int, size: int | None) -> int:
+    params: dict[str, Any] = {"index": index}
+    if size is not None:
+        params["size"] = size
+    proof = _identity(ctl, "identity.audit.proof", params)
+    print(json.dumps(proof, indent=2))
+    return EXIT_OK
+
+
 def cmd_completion(parser: argparse.ArgumentParser) -> int:
     words: dict[str, list[str]] = {}
     valued: set[str] = set()
@@ -356,6 +431,24 @@ def build_parser() -> argparse.ArgumentParser:
     defence = nsub.add_parser("defence", help="switch the running defence (until reload/restart)")
     defence.add_argument("kind", choices=["none", "cbr", "front", "wtfpad", "regulator"])
     defence.add_argument("--rate", type=float, metavar="HZ", help="slots per second (cbr, regulator)")
+    ident = sub.add_parser("identity", help="identity: certificate, renewal, enrolment, audit log")
+    isub = ident.add_subparsers(dest="identity_command", required=True, metavar="ACTION")
+    isub.add_parser("show", help="current certificate, expiry, next renewal and sinks")
+    isub.add_parser("renew", help="renew now over mTLS and reload the sinks")
+    enrol = isub.add_parser(
+        "enrol", help="enrol with a one-time bootstrap token (the way back after expiry)",
+        description="Enrol with a bootstrap token from `tensorguard server token create`, read "
+        "from --token-file or from standard input (never from the command line, where other users "
+        "could see it in the process list).")
+    enrol.add_argument("--token-file", type=Path, metavar="FILE", help="file holding the token "
+                       "(default: read standard input)")
+    audit = isub.add_parser("audit", help="verify the audit log or print an inclusion proof")
+    asub = audit.add_subparsers(dest="audit_command", required=True, metavar="ACTION")
+    asub.add_parser("verify", help="check every entry, the signed checkpoint and consistency with "
+                    "the last verified checkpoint (exit 1 if anything fails)")
+    proof = asub.add_parser("proof", help="RFC 9162 inclusion proof of one entry, as JSON")
+    proof.add_argument("index", type=int, help="entry index (from 0)")
+    proof.add_argument("--size", type=int, help="tree size to prove against (default: latest)")
     completion = sub.add_parser("completion", help="print a shell completion script")
     completion.add_argument("shell", choices=["bash"])
     return parser
@@ -377,8 +470,16 @@ def main(argv: list[str] | None = None) -> int:
         ("net", "stats"): lambda: cmd_net_stats(ctl),
         ("net", "flows"): lambda: cmd_net_flows(ctl),
         ("net", "defence"): lambda: cmd_net_defence(ctl, args.kind, args.rate),
+        ("identity", "show"): lambda: cmd_identity_show(ctl),
+        ("identity", "renew"): lambda: cmd_identity_renew(ctl),
+        ("identity", "enrol"): lambda: cmd_identity_enrol(ctl, args.token_file),
+        ("identity", "audit verify"): lambda: cmd_identity_audit_verify(ctl),
+        ("identity", "audit proof"): lambda: cmd_identity_audit_proof(ctl, args.index, args.size),
     }
-    action = getattr(args, "config_command", None) or getattr(args, "net_command", None)
+    action = (getattr(args, "config_command", None) or getattr(args, "net_command", None)
+              or getattr(args, "identity_command", None))
+    if action == "audit":
+        action = f"audit {args.audit_command}"
     try:
         return commands[(args.command, action)]()
     except Failure as exc:

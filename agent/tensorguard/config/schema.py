@@ -415,6 +415,9 @@ class IdentitySettings(Section):
         0.1, "Renew up to this fraction of the lifetime earlier, at random (never later).",
         ge=0, le=0.5
     )
+    ca_backdate_s: float = setting(
+        60.0, "How far the CA backdates notBefore (its --backdate): renewal timing reads the CA's "
+        "clock from the certificate as notBefore + this.", ge=0, le=3600)
     retry_initial_s: float = setting(5.0, "First retry delay after a failed renewal.", ge=1, le=3600)
     retry_max_s: float = setting(
         300.0, "Longest retry delay (shrinks near expiry so several attempts remain).", ge=1, le=86400)

@@ -4,12 +4,9 @@ from __future__ import annotations
 
 import base64
 import signal
-import ssl
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
@@ -21,76 +18,18 @@ from cryptography.hazmat.primitives.serialization import pkcs7
 
 from tensorguard.server.ca import CAPaths, CertificateAuthority
 from tensorguard.server.policy import IssuancePolicy
-from tensorguard.server.store import SQLiteStore
 from tensorguard.server.timeutil import utc_now
+from tests.integration.server.ca_process import SERVER, Server, running_ca
 from tests.unit.server.helpers import b64, key_pem, make_ca, make_csr, p256, spiffe, tamper_signature
 
-SERVER = [sys.executable, "-m", "tensorguard.server.cli"]
 TRUST_DOMAIN = "fleet.test"
 PKCS10 = {"Content-Type": "application/pkcs10"}
 
 
-@dataclass
-class Server:
-    """A running `tensorguard server serve` and its CA directory."""
-
-    proc: subprocess.Popen[str]
-    url: str
-    ca_dir: Path
-
-    @property
-    def est(self) -> str:
-        return f"{self.url}/.well-known/est"
-
-    @property
-    def store(self) -> SQLiteStore:
-        return SQLiteStore(CAPaths(self.ca_dir).database)
-
-    def token(self, node: str) -> str:
-        out = subprocess.run([*SERVER, "token", "create", "--dir", str(self.ca_dir), "--node-id", node],
-                             capture_output=True, text=True, timeout=60, check=True)
-        return out.stdout.strip()
-
-    def client(self, cert: Path | None = None, key: Path | None = None) -> httpx.Client:
-        context = ssl.create_default_context(cafile=str(CAPaths(self.ca_dir).root_cert))
-        if cert is not None:
-            context.load_cert_chain(cert, key)
-        return httpx.Client(verify=context, timeout=10)
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    ca_dir = tmp_path_factory.mktemp("server") / "ca"
-    subprocess.run([*SERVER, "ca", "init", "--dir", str(ca_dir), "--trust-domain", TRUST_DOMAIN,
-                    "--host-name", "localhost", "--host-name", "127.0.0.1"],
-                   capture_output=True, text=True, timeout=60, check=True)
-    proc = subprocess.Popen([*SERVER, "serve", "--dir", str(ca_dir), "--port", "0", "--workers", "2",
-                             "--log-level", "warning"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
-    try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        assert line.startswith("listening on https://127.0.0.1:"), line + proc.stderr.read()  # type: ignore[union-attr]
-        handle = Server(proc, line.split()[-1], ca_dir)
-        deadline = time.monotonic() + 20
-        with handle.client() as client:
-            while True:
-                try:
-                    if client.get(f"{handle.url}/healthz").status_code == 200:
-                        break
-                except httpx.TransportError:
-                    if time.monotonic() > deadline:
-                        raise
-                time.sleep(0.1)
+    with running_ca(tmp_path_factory.mktemp("server") / "ca", TRUST_DOMAIN, workers=2) as handle:
         yield handle
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
 
 
 def _cert(response: httpx.Response) -> x509.Certificate:

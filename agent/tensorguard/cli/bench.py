@@ -1,0 +1,96 @@
+"""`tensorguard bench NAME`: each benchmark measures TensorGuard and its baseline in one run."""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+Progress = Callable[[str], None]
+
+
+def bench_datapath(quick: bool, as_json: bool, progress: Progress) -> int:
+    from ..netguard.bench import datapath  # noqa: PLC0415 (only this bench needs it)
+
+    results, verdicts = datapath.run(quick, progress=progress)
+    if as_json:
+        print(json.dumps({**datapath.as_json(results, datapath.BASELINE), "targets": verdicts},
+                         indent=2))
+    else:
+        print(datapath.table(results, datapath.BASELINE))
+        for proto, verdict in verdicts.items():
+            print(f"\n{proto}: eBPF telemetry costs {verdict['telemetry_throughput_cost_pct']}% of "
+                  f"throughput (median of paired rounds; target <= 5%: "
+                  f"{'met' if verdict['telemetry_cost_ok'] else 'MISSED'}) and "
+                  f"{verdict['telemetry_cpu_per_packet_cost_pct']}% CPU per packet; "
+                  f"pace path {verdict['pace_capacity_pps']} pkt/s (target >= 30000: "
+                  f"{'met' if verdict['pace_capacity_ok'] else 'MISSED'}), loss at 80% "
+                  f"{verdict['pace_loss_at_80pct']} ({'met' if verdict['pace_zero_loss_ok'] else 'MISSED'}), "
+                  f"added p99 {verdict['pace_added_latency_p99_ms']} ms (target <= "
+                  f"{verdict['pace_latency_limit_ms']} ms: "
+                  f"{'met' if verdict['pace_latency_ok'] else 'MISSED'})")
+    return 0
+
+
+def bench_renewal(quick: bool, as_json: bool, progress: Progress) -> int:
+    from ..identity.harness import run_harness  # noqa: PLC0415
+
+    robots = 100 if quick else 1000
+    report = run_harness(robots, 24.0, 3600.0, seed=1, progress=progress)
+    if as_json:
+        print(json.dumps(report.as_json(), indent=2))
+    else:
+        print(report.table())
+    return 0 if report.tensorguard_wins() else 1
+
+
+def bench_identity(quick: bool, as_json: bool, progress: Progress) -> int:
+    from ..identity.audit.bench import bench_verify  # noqa: PLC0415
+    from ..server.bench import run as bench_ca  # noqa: PLC0415
+
+    figures = bench_ca(quick, progress)
+    entries = 100_000 if quick else 1_000_000
+    progress(f"audit log: building and verifying {entries:,} entries")
+    with tempfile.TemporaryDirectory(prefix="tg-bench-audit-") as tmp:
+        audit = bench_verify(entries, Path(tmp) / "log")
+    figures["audit_verify"] = audit
+    if as_json:
+        print(json.dumps(figures, indent=2))
+        return 0
+    print(identity_table(figures))
+    return 0
+
+
+def identity_table(figures: dict[str, object]) -> str:
+    audit = figures["audit_verify"]
+    assert isinstance(audit, dict)
+    lines = [f"{'figure':<46} {'measured':>14} {'target':>12}", "-" * 74]
+    for key, label, target in (
+            ("e2e_certs_per_s", "CA issuance end to end over HTTPS (certs/s)", ">= 1500"),
+            ("sign_only_certs_per_s", "sign-only ceiling of this machine (certs/s)", "-"),
+            ("fleet_10000_reissue_s", "re-issue a 10,000-robot fleet (s)", "<= 10")):
+        value = figures.get(key)
+        lines.append(f"{label:<46} {value if value is not None else '-':>14} {target:>12}")
+    ratio = figures.get("e2e_to_sign_only_ratio")
+    if ratio is not None:
+        lines.append(f"{'end to end / sign-only':<46} {ratio:>14} {'-':>12}")
+    lines.append(f"{'verify a ' + format(audit['entries'], ',') + '-entry audit log (s)':<46} "
+                 f"{audit['verify_seconds']:>14} {'<= 5':>12}")
+    return "\n".join(lines)
+
+
+BENCHES: dict[str, Callable[[bool, bool, Progress], int]] = {
+    "datapath": bench_datapath, "renewal": bench_renewal, "identity": bench_identity}
+
+
+def run_bench(name: str, quick: bool, as_json: bool) -> int:
+    def progress(message: str) -> None:
+        print(f"[bench {name}] {message}", file=sys.stderr, flush=True)
+
+    try:
+        return BENCHES[name](quick, as_json, progress)
+    except (PermissionError, RuntimeError) as exc:
+        print(f"tensorguard bench {name}: {exc}", file=sys.stderr)
+        return 1
