@@ -34,7 +34,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from ..config.schema import IdentitySettings, IdentitySink
-from .atomicdir import AtomicDir, AtomicDirError, CredentialSet
+from .atomicdir import AtomicDir, AtomicDirError, CredentialSet, FileNames
 from .audit.log import AuditLog, EntryKind
 from .certinfo import validity_of
 from .clocks import Clocks
@@ -47,6 +47,8 @@ from .renewal import Anchor, Validity
 log = logging.getLogger(__name__)
 
 ANCHOR_FILE = "anchor.json"
+SINK_FILES = FileNames(key="key.pem", cert="cert.pem", chain="chain.pem", bundle="fullchain.pem")
+"""What a files sink holds: fullchain.pem (certificate + intermediates) is what TLS servers serve."""
 
 
 class IdentityError(Exception):
@@ -97,7 +99,7 @@ class Sink:
             uid = pwd.getpwnam(config.owner).pw_uid if config.owner else -1
             gid = grp.getgrnam(config.group).gr_gid if config.group else -1
             self.directory = AtomicDir(config.directory, mode=0o644, key_mode=int(config.key_mode, 8),
-                                       uid=uid, gid=gid)
+                                       uid=uid, gid=gid, names=SINK_FILES)
 
     def installed_cert(self) -> bytes | None:
         """The certificate this sink holds now (files sinks; None when unknown or empty)."""

@@ -100,11 +100,16 @@ def nginx_serving(prefix: Path, cert: Path, key: Path) -> Iterator[Nginx]:
 
 @dataclass
 class HandshakeLoop:
-    """Handshakes with nginx back to back in a thread, recording each served serial."""
+    """Handshakes with nginx back to back in a thread, recording each served serial.
+
+    ``serials`` lists every served serial once, in the order first seen; ``last`` is the most recent.
+    During a reload nginx's old worker finishes its connections (and may still accept a few) while
+    the new one serves the new certificate, so old and new serials briefly alternate."""
 
     port: int
     trust_anchor: Path
     serials: list[int] = field(default_factory=list)
+    last: int | None = None
     handshakes: int = 0
     failures: list[str] = field(default_factory=list)
     stop: threading.Event = field(default_factory=threading.Event)
@@ -119,8 +124,9 @@ class HandshakeLoop:
                     der = tls.getpeercert(binary_form=True)
                     assert der is not None
                     serial = x509.load_der_x509_certificate(der).serial_number
-                    if not self.serials or self.serials[-1] != serial:
+                    if serial not in self.serials:
                         self.serials.append(serial)
+                    self.last = serial
                     self.handshakes += 1
             except (OSError, ssl.SSLError, AssertionError) as exc:
                 self.failures.append(f"{time.monotonic():.3f}: {exc!r}")

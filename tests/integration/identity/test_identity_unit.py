@@ -20,6 +20,7 @@ from tensorguard.identity.certinfo import pair_matches
 
 from ...conftest import AgentDir, UnitProcess, start_unit, tgctl
 from ..server.ca_process import Server, running_ca
+from .nginx import HandshakeLoop, nginx_serving
 
 TRUST_DOMAIN = "fleet.test"
 NODE = "robot-7"
@@ -155,3 +156,48 @@ def test_an_expired_certificate_needs_a_new_token(agent_dir: AgentDir, units: li
         assert fresh.returncode == 0, fresh.stderr
         assert call(sock, "identity.show")["state"] in ("valid", "renewing")
         assert unit.stop() == 0
+
+
+def test_nginx_serves_every_renewal_without_a_failed_handshake(agent_dir: AgentDir,
+                                                               units: list[UnitProcess], ca: Server) -> None:
+    sink = agent_dir.root / "nginx-tls"
+    sink.mkdir(mode=0o750)
+    prefix = agent_dir.root / "nginx"
+    write_token(agent_dir, ca.token("robot-9"))
+    agent_dir.write(identity_config(agent_dir, ca, node="robot-9", sinks=f"""
+[[identity.sink]]
+name = "nginx"
+directory = "{sink}"
+reload_signal = "HUP"
+reload_pidfile = "{prefix / 'nginx.pid'}"
+"""))
+    unit = start_unit(agent_dir, "identity")
+    units.append(unit)
+    sock = agent_dir.socket("identity")
+    wait_state(sock, "degraded")  # enrolled and installed; nginx is not running yet to reload
+    with nginx_serving(prefix, sink / "fullchain.pem", sink / "key.pem") as nginx:
+        loop = HandshakeLoop(nginx.port, ca.root_cert)
+        with loop.running():
+            deadline = time.monotonic() + 10
+            while not loop.serials:
+                assert time.monotonic() < deadline, loop.failures
+                time.sleep(0.05)
+            expected = [int(str(call(sock, "identity.show")["serial"]), 16)]
+            assert loop.serials == expected
+            for _ in range(5):
+                renewed = tgctl(agent_dir, "--json", "identity", "renew")
+                assert renewed.returncode == 0, renewed.stderr
+                expected.append(int(json.loads(renewed.stdout)["serial"], 16))
+                deadline = time.monotonic() + 15
+                while expected[-1] not in loop.serials:
+                    assert time.monotonic() < deadline, f"nginx never served {expected[-1]:x}"
+                    time.sleep(0.02)
+            time.sleep(1.0)  # the last reload's old worker has finished
+            assert loop.last == expected[-1]
+        print(f"{loop.handshakes} handshakes during 5 renewals, {len(loop.failures)} failed; "
+              f"served serials: {[f'{s:x}'[:8] for s in loop.serials]}")
+        assert loop.failures == []
+        assert loop.serials == expected  # each renewal served, in order, none skipped
+        assert "emerg" not in nginx.error_log()
+    assert call(sock, "identity.show")["state"] == "valid"  # the reloads succeeded since
+    assert unit.stop() == 0
