@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import json
 import os
+import random
+import signal
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +21,7 @@ from tensorguard.identity.audit.merkle import leaf_hash
 from tensorguard.identity.audit.note import open_checkpoint
 from tensorguard.identity.certinfo import pair_matches
 
-from ...conftest import AgentDir, UnitProcess, start_unit, tgctl
+from ...conftest import TGCTL, AgentDir, UnitProcess, start_unit, tgctl
 from ..server.ca_process import Server, running_ca
 from .nginx import HandshakeLoop, nginx_serving
 
@@ -200,4 +203,46 @@ reload_pidfile = "{prefix / 'nginx.pid'}"
         assert loop.serials == expected  # each renewal served, in order, none skipped
         assert "emerg" not in nginx.error_log()
     assert call(sock, "identity.show")["state"] == "valid"  # the reloads succeeded since
+    assert unit.stop() == 0
+
+
+def test_kill_9_at_random_moments_of_renewal_never_leaves_a_mismatched_pair(
+        agent_dir: AgentDir, units: list[UnitProcess], ca: Server) -> None:
+    sink = agent_dir.root / "sink"
+    sink.mkdir(mode=0o750)
+    live = agent_dir.root / "state" / "live"
+    write_token(agent_dir, ca.token("robot-10"))
+    agent_dir.write(identity_config(agent_dir, ca, node="robot-10", sinks=f"""
+[[identity.sink]]
+name = "app"
+directory = "{sink}"
+"""))
+    rng = random.Random(7)
+    unit = start_unit(agent_dir, "identity")
+    units.append(unit)
+    sock = agent_dir.socket("identity")
+    wait_state(sock, "valid")
+    killed_during = completed = 0
+    serial = call(sock, "identity.show")["serial"]
+    for _ in range(12):
+        renew = subprocess.Popen([*TGCTL, "--config", str(agent_dir.config), "identity", "renew"],
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(rng.uniform(0.1, 0.6))  # tgctl's start-up, then somewhere in the renewal
+        unit.stop(signal.SIGKILL)
+        killed_during += renew.wait(30) != 0
+        for directory in (live, sink):
+            key, cert = sink_pair(directory)
+            assert pair_matches(key, cert), f"{directory}: key and certificate differ after kill -9"
+        unit = start_unit(agent_dir, "identity")
+        units.append(unit)
+        info = wait_state(sock, "valid")
+        assert sink_pair(sink) == sink_pair(live)  # a sink left behind is brought up to date
+        assert x509.load_pem_x509_certificate(sink_pair(sink)[1]).serial_number == int(str(info["serial"]), 16)
+        completed += info["serial"] != serial
+        serial = info["serial"]
+    print(f"{killed_during} of 12 renewal requests were cut off by kill -9; {completed} had installed "
+          "the new certificate before the kill")
+    assert killed_during > 0  # the kills did land during renewals
+    verified = tgctl(agent_dir, "--json", "identity", "audit", "verify")
+    assert verified.returncode == 0, verified.stdout + verified.stderr
     assert unit.stop() == 0
