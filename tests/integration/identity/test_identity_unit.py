@@ -129,6 +129,14 @@ directory = "{sink}"
     assert refused.returncode != 0 and "robot-8" in refused.stderr, refused.stderr
     print(refused.stderr)
     assert call(sock, "identity.show")["state"] == "valid"
+    prom = agent_dir.metrics / "tensorguard_identity.prom"
+    deadline = time.monotonic() + 5
+    while "tensorguard_identity_renewals_total 3" not in (prom.read_text() if prom.exists() else ""):
+        assert time.monotonic() < deadline, prom.read_text() if prom.exists() else "no metrics file"
+        time.sleep(0.2)
+    expiry = next(line for line in prom.read_text().splitlines()
+                  if line.startswith("tensorguard_identity_cert_expiry_seconds "))
+    assert 3000 < float(expiry.split()[1]) <= 3600
     assert unit.stop() == 0
 
 
