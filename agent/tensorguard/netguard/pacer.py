@@ -38,6 +38,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
+from .kernel.nfqueue_config import set_fail_open
 from .shaping.base import Action, Direction, Dummy, Machine, Release
 
 log = logging.getLogger(__name__)
@@ -348,6 +349,8 @@ class NfqueuePacer:
         self._next_machine: Machine | None = None
         self._thread: threading.Thread | None = None
         self.error: BaseException | None = None
+        self.fail_open_when_full = False
+        """The kernel accepts packets the full queue cannot take (fail-open only)."""
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -378,6 +381,13 @@ class NfqueuePacer:
                 log.warning("netfilterqueue: %s", w.message)
             self._nfq = nfq
             self._sock = socket.socket(fileno=os.dup(nfq.get_fd()))
+            if not self.fail_closed:  # a full queue (pacer behind) lets packets pass, unshaped
+                try:
+                    set_fail_open(self._sock.fileno(), self.queue_num)
+                    self.fail_open_when_full = True
+                except OSError as exc:
+                    log.warning("NFQUEUE %d: %s; when the queue is full the kernel drops packets",
+                                self.queue_num, exc)
             self._sock.setblocking(False)
             if self.discard is not None:
                 host, port = self.discard
