@@ -437,6 +437,12 @@ class IdentitySettings(Section):
             raise ValueError("enabled = true needs server_url")
         if self.retry_initial_s > self.retry_max_s:
             raise ValueError("retry_initial_s must be <= retry_max_s")
+        if self.key_store == "pkcs11" and self.key_type != "ecdsa-p256":
+            raise ValueError('key_store = "pkcs11" needs key_type = "ecdsa-p256" (Debian 12\'s OpenSSL '
+                             "pkcs11 engine cannot use Ed25519 keys for TLS)")
+        if self.key_store == "pkcs11" and any(s.kind == "kubernetes" for s in self.sink):
+            raise ValueError('a kubernetes sink needs key_store = "file": a key on a PKCS#11 token '
+                             "cannot be copied into a Secret")
         if self.renew_jitter >= self.renew_fraction:
             raise ValueError("renew_jitter must be smaller than renew_fraction (renewal never "
                              "starts before the certificate does)")

@@ -24,7 +24,7 @@ import logging
 import pwd
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,15 +38,20 @@ from .atomicdir import AtomicDir, AtomicDirError, CredentialSet, FileNames
 from .audit.log import AuditLog, EntryKind
 from .certinfo import validity_of
 from .clocks import Clocks
-from .est import ClientCredential, EstClient, EstError, pick_leaf
+from .est import ClientCredential, EstClient, EstError, EstUnavailable, pick_leaf
 from .keys import build_csr, cert_spiffe_ids, generate_key, key_pem, public_der, spiffe_id
 from .kube import KubeSinkError, SecretTarget, install_secret
+from .pkcs11 import Pkcs11Error, Pkcs11KeyStore, build_csr_pkcs11, new_label
+from .pkcs11_est import Pkcs11Credential, key_uri, simplereenroll_pkcs11
 from .reload import ReloadError, ReloadHook
 from .renewal import Anchor, Validity
 
 log = logging.getLogger(__name__)
 
 ANCHOR_FILE = "anchor.json"
+KEY_LABEL_FILE = "key.label"
+"""With key_store = "pkcs11": the label of the current key on the token (key.pem then holds its
+RFC 7512 URI, which is what nginx or curl take with OpenSSL's pkcs11 engine)."""
 SINK_FILES = FileNames(key="key.pem", cert="cert.pem", chain="chain.pem", bundle="fullchain.pem")
 """What a files sink holds: fullchain.pem (certificate + intermediates) is what TLS servers serve."""
 
@@ -83,6 +88,16 @@ def _pem(certs: list[x509.Certificate]) -> bytes:
 
 def _iso(seconds: float) -> str:
     return datetime.datetime.fromtimestamp(seconds, datetime.UTC).isoformat(timespec="seconds")
+
+
+@dataclass(frozen=True)
+class NewKey:
+    """A key made for one issuance: its CSR, and what goes to key.pem."""
+
+    csr: x509.CertificateSigningRequest
+    public_der: bytes
+    key_file: bytes = field(repr=False)
+    token_label: str | None = None
 
 
 class Sink:
@@ -174,40 +189,103 @@ class CredentialManager:
         current = self.current()
         if current is None:
             raise IdentityError("nothing to renew: not enrolled yet (needs a bootstrap token)")
-        credential = ClientCredential(Path(self.live.path) / "cert.pem", Path(self.live.path) / "key.pem")
+        live = Path(self.live.path)
+        label = current.creds.extra_file(KEY_LABEL_FILE)
+        if self.settings.key_store == "pkcs11" and label is not None:
+            p11 = self.settings.pkcs11
+            token_key = Pkcs11Credential(live / "cert.pem", Path(p11.module), p11.token_label,
+                                         label.decode().strip(), Path(p11.pin_file))
+            return self._issue("renew", lambda _client, csr: simplereenroll_pkcs11(
+                self.settings.server_url or "", Path(self.settings.trust_anchor), token_key,
+                csr.public_bytes(Encoding.DER)))
+        credential = ClientCredential(live / "cert.pem", live / "key.pem")
         return self._issue("renew", lambda client, csr: client.simplereenroll(csr, credential))
+
+    def _new_key(self) -> NewKey:
+        """A fresh key, in a file-to-be or on the PKCS#11 token, and its CSR."""
+        if self.settings.key_store == "file":
+            key = generate_key(self.settings.key_type)
+            return NewKey(build_csr(key, self.settings.trust_domain, self.node_id), public_der(key),
+                          key_pem(key))
+        p11 = self.settings.pkcs11
+        label = new_label()
+        try:
+            with Pkcs11KeyStore.from_settings(p11) as store:
+                spki = store.generate(label, self.settings.key_type)
+                der = build_csr_pkcs11(store, label, self.settings.trust_domain, self.node_id)
+        except (Pkcs11Error, OSError) as exc:
+            raise IdentityError(f"PKCS#11: {exc}") from None
+        uri = key_uri(p11.token_label, label) + "\n"  # where the key is; no secret in it
+        return NewKey(x509.load_der_x509_csr(der), spki, uri.encode(), label)
+
+    def prune_token_keys(self) -> list[str]:
+        """Delete keys a crash left on the token: every one of ours but the live one."""
+        if self.settings.key_store != "pkcs11":
+            return []
+        current = self.current()
+        label = current.creds.extra_file(KEY_LABEL_FILE) if current else None
+        keep = {label.decode().strip()} if label else set()
+        try:
+            with Pkcs11KeyStore.from_settings(self.settings.pkcs11) as store:
+                removed = store.prune(keep)
+        except (Pkcs11Error, OSError) as exc:
+            log.warning("identity: cannot tidy the PKCS#11 token: %s", exc)
+            return []
+        if removed:
+            log.info("identity: removed %d unused key(s) from the PKCS#11 token", len(removed))
+        return removed
+
+    def _forget_token_key(self, label: str | None) -> None:
+        """Delete a key from the token (an unused new one, or the one a renewal replaced)."""
+        if label is None:
+            return
+        try:
+            with Pkcs11KeyStore.from_settings(self.settings.pkcs11) as store:
+                store.delete(label)
+        except (Pkcs11Error, OSError) as exc:
+            log.warning("identity: could not delete key %s from the PKCS#11 token: %s", label, exc)
 
     def _issue(self, kind: str, request: Callable[[EstClient, x509.CertificateSigningRequest],
                                                   list[x509.Certificate]]) -> Current:
         entry_kind = EntryKind.ENROL if kind == "enrol" else EntryKind.RENEW
-        key = generate_key(self.settings.key_type)
-        csr = build_csr(key, self.settings.trust_domain, self.node_id)
+        previous = self.current()
+        new = self._new_key()
         try:
             client = self._est()
-            certs = request(client, csr)
-            leaf, chain = pick_leaf(certs, public_der(key))
+            certs = request(client, new.csr)
+            leaf, chain = pick_leaf(certs, new.public_der)
             if not any(c.subject == leaf.issuer for c in chain):
                 # RFC 7030 4.1: the chain comes from /cacerts; serve it without the root itself
                 chain = [c for c in client.cacerts() if c.subject != c.issuer]
             self._check(leaf, chain)
         except EstError as exc:
+            self._forget_token_key(new.token_label)
             self._fail(kind, exc.reason, status=exc.status)
             raise IdentityError(f"{kind}: {exc}") from None
-        except IdentityError as exc:
+        except (EstUnavailable, IdentityError) as exc:
+            self._forget_token_key(new.token_label)
             self._fail(kind, str(exc))
-            raise
+            raise IdentityError(f"{kind}: {exc}") from None
         anchor = Anchor.take(self.clocks)
-        creds = CredentialSet(key_pem(key), leaf.public_bytes(Encoding.PEM), _pem(chain),
-                              extra=((ANCHOR_FILE, anchor.to_bytes()),))
+        extra = [(ANCHOR_FILE, anchor.to_bytes())]
+        if new.token_label is not None:
+            extra.append((KEY_LABEL_FILE, new.token_label.encode() + b"\n"))
+        creds = CredentialSet(new.key_file, leaf.public_bytes(Encoding.PEM), _pem(chain),
+                              extra=tuple(extra))
         try:
             self.live.install(creds)
         except AtomicDirError as exc:
+            self._forget_token_key(new.token_label)
             self._fail(kind, f"installing in {self.live.path}: {exc}")
             raise IdentityError(f"{kind}: {exc}") from None
+        if previous is not None and new.token_label is not None:
+            old = previous.creds.extra_file(KEY_LABEL_FILE)
+            self._forget_token_key(old.decode().strip() if old else None)
         self.audit.append(entry_kind, {"node": self.node_id, "spiffe_id": self.spiffe_id,
                                        "serial": f"{leaf.serial_number:x}",
                                        "not_after": _iso(validity_of(creds.cert).not_after),
-                                       "key_type": self.settings.key_type})
+                                       "key_type": self.settings.key_type,
+                                       "key_store": self.settings.key_store})
         log.info("identity: %s: certificate %x valid until %s", kind, leaf.serial_number,
                  leaf.not_valid_after.isoformat())
         self.sync_sinks()

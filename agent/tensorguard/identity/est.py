@@ -93,7 +93,7 @@ class EstClient:
             raise EstUnavailable(f"the CA answered HTTP {response.status}",
                                  float(retry) if retry and retry.isdigit() else None)
         if response.status >= 400:
-            raise EstError(response.status, _reason(data))
+            raise EstError(response.status, reason_of(data))
         if response.status != 200:
             raise EstUnavailable(f"the CA answered HTTP {response.status}, expected 200")
         if len(data) > MAX_RESPONSE:
@@ -125,7 +125,7 @@ def _csr_body(csr: x509.CertificateSigningRequest) -> bytes:
     return base64.encodebytes(csr.public_bytes(Encoding.DER))
 
 
-def _reason(data: bytes) -> str:
+def reason_of(data: bytes) -> str:
     text = data[:500].decode("utf-8", "replace").strip()
     if text.startswith("{"):
         try:

@@ -134,6 +134,7 @@ class IdentityService(UnitService):
         if self.store.current.config.identity.enabled:
             await asyncio.to_thread(self._build, self.store.current)
             assert self.manager is not None
+            await asyncio.to_thread(self.manager.prune_token_keys)
             problems = await asyncio.to_thread(self.manager.sync_sinks)
             self.last_error = "; ".join(problems) or None
             self.loop_task = asyncio.create_task(self._run(), name="identity-renewal")
