@@ -19,6 +19,8 @@ Pieces:
     root in the background; finds the container's PID 1 and runs commands in it
     with ``nsenter -t PID -a``; ``stop()`` powers it off (escalating to
     SIGKILL of the container's PID 1 if needed) and waits for nspawn to exit.
+  * ``booted()``: the two together for a test: install some of the .debs,
+    boot, yield the Container, always tear down (also on SIGTERM).
 
 Every mount this module makes is recorded and undone in ``close()``; the
 temporary root is only deleted once no mount is left below it, and then with
@@ -448,6 +450,53 @@ class Container:
         return found
 
 
+@contextlib.contextmanager
+def booted(debs: Sequence[Path], packages: Sequence[str]) -> Iterator[Container]:
+    """A fresh bookworm with ``packages`` (from ``debs``, all copied to /root/debs) installed
+    by apt-get, booted with systemd-nspawn; always powered off, unmounted and deleted.
+
+    A SIGTERM (CI time-out, ``kill``) becomes an interruption so that the teardown still
+    runs. After the teardown, a process left in the container or an undeleted root is an
+    error (RuntimeError)."""
+    t_start = time.monotonic()
+    reap_stale()
+
+    def interrupted(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    old_handler = signal.signal(signal.SIGTERM, interrupted)
+    left: list[str] = []
+    root: Rootfs | None = None
+    try:
+        root = Rootfs(ensure_base_tarball())
+        box = Container(root)
+        try:
+            root.install_debs(list(debs), packages=packages)
+            with step("boot with systemd-nspawn"):
+                box.start()
+                state = box.wait_running()
+            log(f"system state: {state}")
+            if state != "running":
+                failed = box.sh("systemctl --failed --no-legend --no-pager", check=False).stdout
+                log(f"failed units:\n{failed}")
+            log(f"machine ready after {time.monotonic() - t_start:.1f}s")
+            yield box
+        finally:
+            with step("teardown: power off, unmount, delete"):
+                try:
+                    box.stop()
+                    left = box.processes()
+                finally:
+                    root.close()
+    finally:
+        signal.signal(signal.SIGTERM, old_handler)
+        log(f"e2e total {time.monotonic() - t_start:.1f}s")
+    if left:
+        raise RuntimeError(f"processes left after teardown: {left}")
+    if root is not None and root.workdir.exists():
+        raise RuntimeError(f"{root.workdir} not deleted")
+
+
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(description="TensorGuard clean-install harness")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -466,7 +515,7 @@ def main(argv: list[str]) -> int:
     box = Container(root)
     try:
         if debs:
-            root.install_debs([d for d in debs if not d.name.startswith("tensorguard-server")])
+            root.install_debs(debs)
         box.start()
         print(f"state: {box.wait_running()}")
         print(f"get in with: nsenter -t {box.pid1} -a /bin/bash   (Enter here to tear down)")

@@ -396,8 +396,10 @@ class IdentitySettings(Section):
         "/etc/tensorguard/ca.pem", "The fleet CA's root certificate(s) (PEM): the only trust "
         "anchor for the control plane's TLS certificate.", allowed="an absolute path")
     bootstrap_token_file: AbsolutePath = setting(
-        "/etc/tensorguard/bootstrap-token", "One-time enrolment token from `tensorguard server "
-        "token create`; read only to enrol, removed once used.", allowed="an absolute path")
+        "/var/lib/tensorguard/identity/bootstrap-token", "One-time enrolment token from "
+        "`tensorguard server token create` (owner tensorguard, mode 0600); read only to enrol, "
+        "removed once used (so it must be in a directory the unit can write).",
+        allowed="an absolute path")
     trust_domain: DnsName = setting(
         "tensorguard.local",
         "SPIFFE trust domain: certificates name spiffe://<trust_domain>/robot/<node_id>.",

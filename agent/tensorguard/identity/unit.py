@@ -221,8 +221,13 @@ class IdentityService(UnitService):
         except (IdentityError, RpcError):
             return min(max(previous_delay * 2, self.manager.settings.retry_initial_s),
                        self.manager.settings.retry_max_s)
-        with contextlib.suppress(OSError):
+        try:
             path.unlink()  # a used token is worthless; do not leave it lying around
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            log.warning("identity: enrolled, but cannot remove the used bootstrap token %s (%s): "
+                        "remove it by hand", path, exc.strerror)
         return 0.0
 
     async def _renew(self) -> None:
