@@ -73,9 +73,9 @@ def identity_table(figures: dict[str, object]) -> str:
             ("fleet_10000_reissue_s", "re-issue a 10,000-robot fleet (s)", "<= 10")):
         value = figures.get(key)
         lines.append(f"{label:<46} {value if value is not None else '-':>14} {target:>12}")
-    ratio = figures.get("e2e_to_sign_only_ratio")
-    if ratio is not None:
-        lines.append(f"{'end to end / sign-only':<46} {ratio:>14} {'-':>12}")
+    share = figures.get("e2e_share_of_sign_only_pct")
+    if share is not None:
+        lines.append(f"{'end to end as % of sign-only':<46} {share:>14} {'-':>12}")
     lines.append(f"{'verify a ' + format(audit['entries'], ',') + '-entry audit log (s)':<46} "
                  f"{audit['verify_seconds']:>14} {'<= 5':>12}")
     return "\n".join(lines)
