@@ -222,10 +222,19 @@ def cmd_config_example(ctl: Ctl) -> int:
     return EXIT_OK
 
 
-def _netguard(ctl: Ctl, method: str, params: dict[str, Any] | None = None) -> Any:
-    if ctl.unit_given and ctl.units != ["netguard"]:
-        raise Failure("net commands talk to the netguard unit only", EXIT_USAGE)
-    return ctl.call("netguard", method, params)
+def _only(unit: str, commands: str) -> Callable[..., Any]:
+    """A caller for commands that talk to one unit: ``--unit`` may only name that one."""
+
+    def call(ctl: Ctl, method: str, params: dict[str, Any] | None = None) -> Any:
+        if ctl.unit_given and ctl.units != [unit]:
+            raise Failure(f"{commands} commands talk to the {unit} unit only", EXIT_USAGE)
+        return ctl.call(unit, method, params)
+
+    return call
+
+
+_netguard = _only("netguard", "net")
+_identity = _only("identity", "identity")
 
 
 def cmd_net_status(ctl: Ctl) -> int:
@@ -279,10 +288,6 @@ def cmd_net_defence(ctl: Ctl, kind: str, rate: float | None) -> int:
     return EXIT_OK
 
 
-def _identity(ctl: Ctl, method: str, params: dict[str, Any] | None = None) -> Any:
-    if ctl.unit_given and ctl.units != ["identity"]:
-        raise Failure("identity commands talk to the identity unit only", EXIT_USAGE)
-    return ctl.call("identity", method, params)
 
 
 def _when(seconds: float | None) -> str:
