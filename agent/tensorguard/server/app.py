@@ -1,4 +1,4 @@
-"""The control plane's FastAPI app (so far: health and EST); OpenAPI at /docs."""
+"""The control plane's ASGI app (so far: health and EST): EST on a fast path, FastAPI for the rest."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from fastapi import FastAPI
 from .. import __version__
 from .ca import CertificateAuthority, read_trust_domain
 from .enrol import EnrolmentService
-from .est import build_router
+from .est import EstEndpoints, EstFastPath, build_router
 from .peer import PeerVerifier
 from .policy import IssuancePolicy
 from .settings import ServerSettings
@@ -17,14 +17,16 @@ from .store import CAStore, SQLiteStore
 from .timeutil import Clock, utc_now
 
 
-def create_app(settings: ServerSettings, clock: Clock = utc_now, store: CAStore | None = None) -> FastAPI:
-    """Load the CA from ``settings.ca_dir`` (fails with CAError if unusable) and wire the endpoints."""
+def create_app(settings: ServerSettings, clock: Clock = utc_now, store: CAStore | None = None) -> EstFastPath:
+    """Load the CA from ``settings.ca_dir`` (fails with CAError if unusable) and wire the endpoints;
+    the FastAPI app (OpenAPI at /docs) is the result's ``fallback``."""
     trust_domain = read_trust_domain(settings.ca_dir)
     policy = IssuancePolicy(trust_domain, settings.cert_lifetime, settings.backdate, settings.dns_templates)
     ca = CertificateAuthority.load(settings.ca_dir, policy)
     if store is None:
         store = SQLiteStore(settings.paths.database, settings.sqlite_synchronous)
     service = EnrolmentService(ca, store, PeerVerifier(ca.cert, trust_domain), clock)
+    endpoints = EstEndpoints(service, settings.max_body_bytes)
     app = FastAPI(title="TensorGuard control plane", version=__version__, docs_url="/docs",
                   description="Certificate authority with RFC 7030 (EST) enrolment for robot identities.")
     app.state.enrolment = service
@@ -36,5 +38,5 @@ def create_app(settings: ServerSettings, clock: Clock = utc_now, store: CAStore 
         return {"status": "ok" if ca.not_before <= now < ca.not_after else "ca_expired",
                 "trust_domain": trust_domain, "intermediate_not_after": ca.not_after.isoformat()}
 
-    app.include_router(build_router(service, settings.max_body_bytes))
-    return app
+    app.include_router(build_router(endpoints))
+    return EstFastPath(endpoints, app)

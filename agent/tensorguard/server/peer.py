@@ -16,6 +16,7 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from . import der, ecdsa
 from .spiffe import parse_robot_id
 from .timeutil import as_utc
 
@@ -45,7 +46,7 @@ class PeerVerifier:
         key = issuer.public_key()
         if not isinstance(key, ec.EllipticCurvePublicKey):
             raise TypeError("the intermediate must have an EC key")
-        self.issuer_name = issuer.subject
+        self.issuer_der = issuer.subject.public_bytes()
         self.issuer_key = key
         self.trust_domain = trust_domain
         self.cache_size = cache_size
@@ -56,14 +57,15 @@ class PeerVerifier:
             cert = x509.load_pem_x509_certificate(pem.encode("ascii"))
         except ValueError:
             raise PeerError("the client certificate does not parse") from None
-        if cert.issuer != self.issuer_name:
+        tbs = cert.tbs_certificate_bytes
+        if der.tbs_issuer(tbs) != self.issuer_der:  # the exact bytes this CA writes; cheaper than Names
             raise PeerError(f"the client certificate was issued by {cert.issuer.rfc4514_string()}, not by "
                             "this CA's intermediate")
         algorithm = cert.signature_hash_algorithm
         try:
             if algorithm is None:
                 raise InvalidSignature()
-            self.issuer_key.verify(cert.signature, cert.tbs_certificate_bytes, ec.ECDSA(algorithm))
+            ecdsa.verify(self.issuer_key, cert.signature, tbs, algorithm)
         except InvalidSignature:
             raise PeerError("the client certificate's signature does not verify with this CA") from None
         try:

@@ -17,6 +17,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import NameOID, SignatureAlgorithmOID
 
 from . import csr as csrmod
+from . import ecdsa
 from .spiffe import check_node_id, check_trust_domain, robot_id
 
 CertificatePublicKey = ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey | rsa.RSAPublicKey
@@ -91,7 +92,7 @@ def _verify_ec(csr: x509.CertificateSigningRequest, key: ec.EllipticCurvePublicK
                           "does not match an EC key (expected ECDSA with SHA-256/384/512)")
     algorithm = csr.signature_hash_algorithm
     assert algorithm is not None  # every OID in _ECDSA names a hash
-    key.verify(csr.signature, csr.tbs_certrequest_bytes, ec.ECDSA(algorithm))
+    ecdsa.verify(key, csr.signature, csr.tbs_certrequest_bytes, algorithm)
 
 
 def _verify_rsa(csr: x509.CertificateSigningRequest, key: rsa.RSAPublicKey, min_bits: int) -> None:

@@ -1,12 +1,16 @@
-"""Run the API as real HTTPS server processes: one listening socket shared by N uvicorn workers.
+"""Run the API as real HTTPS server processes: N uvicorn workers, each on its own listening socket.
 
-The parent binds the socket (so port 0 picks a free port it can announce), checks the CA once, builds
+The parent binds the sockets (so port 0 picks a free port it can announce), checks the CA once, builds
 the TLS context, then forks the workers; each builds its own app and SQLite connection after the
-fork. The workers inherit one TLS context, hence one set of session-ticket keys, so a robot can
-resume its TLS session on any worker (resumption skips the certificate signature and chain checks,
-which dominate a handshake's cost). The socket is
-created with IPPROTO_TCP explicitly: asyncio only sets TCP_NODELAY on such sockets, and without it
-Nagle plus delayed ACKs add ~40 ms to every keep-alive request.
+fork. The workers' sockets share the port through SO_REUSEPORT, so the kernel spreads connections
+evenly: with one shared socket, whichever worker woke first accepted every pending connection (uvloop
+accepts until the queue is empty), and a burst of keep-alive clients could all land on one worker while
+the other idled. Each worker runs the parser and loop `engine.select` picked (httptools on uvloop when
+installed, h11 on asyncio otherwise). Sockets are created with IPPROTO_TCP explicitly: asyncio only
+sets TCP_NODELAY on such sockets, and without it Nagle plus delayed ACKs add ~40 ms to every
+keep-alive request. uvicorn's proxy-header middleware is off: the server terminates TLS itself (mTLS
+cannot pass a proxy), so an X-Forwarded-For header from a local client must not rewrite the address in
+audit rows.
 """
 
 from __future__ import annotations
@@ -23,41 +27,72 @@ import uvicorn
 
 from .app import create_app
 from .ca import CertificateAuthority, read_trust_domain
+from .engine import Engine, select
 from .policy import IssuancePolicy
 from .settings import ServerSettings
 from .store import SQLiteStore
-from .tlsproto import PeerCertH11Protocol, server_context
+from .tlsproto import server_context
 
 
-def bind(host: str, port: int) -> socket.socket:
-    """A listening TCP socket (IPv4 or IPv6 by the host's form); port 0 picks a free port."""
+def bind(host: str, port: int, count: int = 1) -> list[socket.socket]:
+    """``count`` listening TCP sockets on one address (IPv4 or IPv6 by the host's form), one per worker;
+    port 0 picks a free port. With more than one they share the port through SO_REUSEPORT, after a probe
+    without it has shown that nothing else listens there (SO_REUSEPORT would silently share the port with
+    another server of the same user, e.g. one left running)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
-    sock.listen(2048)
-    sock.set_inheritable(True)
-    return sock
+    socks: list[socket.socket] = []
+    try:
+        if port and count > 1:
+            with socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                probe.bind((host, port))
+        for _ in range(count):
+            sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+            socks.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if count > 1:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.bind((host, port))
+            port = sock.getsockname()[1]  # the others join the port the first one got
+            sock.listen(2048)
+            sock.set_inheritable(True)
+    except OSError as exc:
+        for sock in socks:
+            sock.close()
+        raise OSError(exc.errno, f"cannot listen on {host} port {port}: {exc.strerror}") from None
+    return socks
 
 
-def check(settings: ServerSettings) -> None:
-    """Fail before forking if the CA directory or database cannot be used (CAError, OSError...)."""
+def check(settings: ServerSettings) -> Engine:
+    """Fail before forking if the CA directory or database cannot be used (CAError, OSError...), or if
+    the parser or loop asked for is missing (EngineError); returns the engine the workers will run."""
+    engine = select(settings.http, settings.loop)
     policy = IssuancePolicy(read_trust_domain(settings.ca_dir), settings.cert_lifetime, settings.backdate,
                             settings.dns_templates)
     CertificateAuthority.load(settings.ca_dir, policy)
     SQLiteStore(settings.paths.database, settings.sqlite_synchronous).close()
+    return engine
 
 
-def run_worker(settings: ServerSettings, sock: socket.socket, context: ssl.SSLContext | None = None) -> None:
-    """One uvicorn server on the shared socket, until SIGTERM/SIGINT."""
+def tls_context(settings: ServerSettings) -> ssl.SSLContext:
+    """The API's TLS context: its certificate chain, and client certificates signed by the intermediate."""
+    paths = settings.paths
+    return server_context(paths.server_cert, paths.server_key, paths.intermediate_cert)
+
+
+def run_worker(settings: ServerSettings, sock: socket.socket, context: ssl.SSLContext | None = None,
+               engine: Engine | None = None) -> None:
+    """One uvicorn server on its listening socket, until SIGTERM/SIGINT."""
     paths = settings.paths
     if context is None:
-        context = server_context(paths.server_cert, paths.server_key, paths.bundle)
+        context = tls_context(settings)
+    if engine is None:
+        engine = select(settings.http, settings.loop)
     server_pem = paths.server_cert.read_text().split("-----END CERTIFICATE-----")[0] + \
         "-----END CERTIFICATE-----\n"
-    protocol = type("ServerPeerCertH11Protocol", (PeerCertH11Protocol,), {"server_cert_pem": server_pem})
     config = uvicorn.Config(
-        create_app(settings), http=protocol, ssl_context_factory=lambda _config, _default: context,
+        create_app(settings), http=engine.protocol(server_pem), loop=engine.loop,
+        ssl_context_factory=lambda _config, _default: context, proxy_headers=False,
         lifespan="off", log_level=settings.log_level, access_log=settings.access_log,
         server_header=False, timeout_keep_alive=30)
     uvicorn.Server(config).run(sockets=[sock])
@@ -65,15 +100,16 @@ def run_worker(settings: ServerSettings, sock: socket.socket, context: ssl.SSLCo
 
 def serve(settings: ServerSettings, announce: Callable[[str], None]) -> int:
     """Serve until SIGTERM/SIGINT; returns the exit status (1 if a worker died on its own)."""
-    check(settings)
-    paths = settings.paths
-    context = server_context(paths.server_cert, paths.server_key, paths.bundle)
-    sock = bind(settings.host, settings.port)
-    host, port = sock.getsockname()[:2]
+    engine = check(settings)
+    context = tls_context(settings)
+    print(f"tensorguard server: {settings.workers} worker(s), HTTP/1.1 on {engine.describe()}",
+          file=sys.stderr, flush=True)
+    socks = bind(settings.host, settings.port, settings.workers)
+    host, port = socks[0].getsockname()[:2]
     url = f"https://[{host}]:{port}" if ":" in host else f"https://{host}:{port}"
     if settings.workers == 1:
         announce(url)
-        run_worker(settings, sock, context)
+        run_worker(settings, socks[0], context, engine)
         return 0
     children: set[int] = set()
     stopping = False
@@ -86,20 +122,23 @@ def serve(settings: ServerSettings, announce: Callable[[str], None]) -> int:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    for _ in range(settings.workers):
+    for index, sock in enumerate(socks):
         pid = os.fork()
         if pid == 0:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             signal.signal(signal.SIGINT, signal.SIG_DFL)
+            for other in socks[:index] + socks[index + 1:]:
+                other.close()
             status = 0
             try:
-                run_worker(settings, sock, context)
+                run_worker(settings, sock, context, engine)
             except BaseException as exc:  # a worker must never return into the parent's code
                 print(f"tensorguard server worker {os.getpid()}: {exc}", file=sys.stderr, flush=True)
                 status = 1
             os._exit(status)
         children.add(pid)
-    sock.close()
+    for sock in socks:
+        sock.close()
     announce(url)
     status = 0
     while children:

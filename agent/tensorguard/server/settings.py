@@ -7,6 +7,7 @@ from datetime import timedelta
 from pathlib import Path
 
 from .ca import CAPaths
+from .engine import HTTP_CHOICES, LOOP_CHOICES
 
 
 @dataclass(frozen=True)
@@ -24,12 +25,20 @@ class ServerSettings:
     sqlite_synchronous: str = "NORMAL"
     log_level: str = "info"
     access_log: bool = False
+    http: str = "auto"
+    """HTTP/1.1 parser: httptools (C), h11 (pure Python), or auto (httptools when installed)."""
+    loop: str = "auto"
+    """Event loop: uvloop, asyncio, or auto (uvloop when installed)."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port {self.port} is not in 0..65535")
         if not 1 <= self.workers <= 64:
             raise ValueError(f"workers must be 1..64, not {self.workers}")
+        if self.http not in HTTP_CHOICES:
+            raise ValueError(f"http must be one of {', '.join(HTTP_CHOICES)}, not {self.http!r}")
+        if self.loop not in LOOP_CHOICES:
+            raise ValueError(f"loop must be one of {', '.join(LOOP_CHOICES)}, not {self.loop!r}")
         if not 1024 <= self.max_body_bytes <= 1024 * 1024:
             raise ValueError(f"max body must be 1 KiB..1 MiB, not {self.max_body_bytes} bytes")
 

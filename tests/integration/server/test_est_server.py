@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import base64
 import signal
+import socket
+import ssl
 import subprocess
 import time
 from collections.abc import Iterator
@@ -14,9 +16,12 @@ import httpx
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import pkcs7
+from cryptography.x509.oid import NameOID
 
-from tensorguard.server.ca import CAPaths, CertificateAuthority
+from tensorguard.server.ca import CAPaths, CertificateAuthority, _ca_cert
+from tensorguard.server.engine import select
 from tensorguard.server.policy import IssuancePolicy
 from tensorguard.server.timeutil import utc_now
 from tests.integration.server.ca_process import SERVER, Server, running_ca
@@ -26,9 +31,11 @@ TRUST_DOMAIN = "fleet.test"
 PKCS10 = {"Content-Type": "application/pkcs10"}
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    with running_ca(tmp_path_factory.mktemp("server") / "ca", TRUST_DOMAIN, workers=2) as handle:
+@pytest.fixture(scope="module", params=[(), ("--http", "h11", "--loop", "asyncio")], ids=["auto", "pure-python"])
+def server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """Every test runs against both stacks: httptools/uvloop when installed, and the h11/asyncio fallback."""
+    with running_ca(tmp_path_factory.mktemp("server") / "ca", TRUST_DOMAIN, workers=2,
+                    extra=request.param) as handle:
         yield handle
 
 
@@ -151,6 +158,44 @@ def test_a_certificate_from_another_ca_fails_the_handshake(server: Server, tmp_p
     assert _issued(server) == before
 
 
+def test_a_second_intermediate_of_the_same_root_fails_the_handshake(server: Server, tmp_path: Path) -> None:
+    """Only the serving intermediate is a trust anchor for client certificates, not the whole root."""
+    paths = CAPaths(server.ca_dir)
+    root = x509.load_pem_x509_certificate(paths.root_cert.read_bytes())
+    root_key = serialization.load_pem_private_key(paths.root_key.read_bytes(), None)
+    assert isinstance(root_key, ec.EllipticCurvePrivateKey)
+    sibling_key = p256()
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "sibling intermediate")])
+    sibling = _ca_cert(name, sibling_key.public_key(), issuer=root.subject, signer=root_key,
+                       issuer_ski=root.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value,
+                       path_length=0, trust_domain=TRUST_DOMAIN, now=utc_now(), lifetime=timedelta(days=1))
+    other = CertificateAuthority(sibling_key, sibling, root, IssuancePolicy(TRUST_DOMAIN))
+    key = p256()
+    cert = other.issue(make_csr(key), "robot-2", utc_now())
+    (tmp_path / "s.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM)
+                                     + sibling.public_bytes(serialization.Encoding.PEM))
+    (tmp_path / "s.key").write_bytes(key_pem(key))
+    before = _issued(server)
+    with server.client(tmp_path / "s.crt", tmp_path / "s.key") as client, pytest.raises(httpx.TransportError):
+        client.post(f"{server.est}/simplereenroll", content=b64(make_csr(key)), headers=PKCS10)
+    assert _issued(server) == before
+
+
+def test_no_session_is_resumable(server: Server) -> None:
+    """No TLS 1.3 tickets: a resumed session would carry the certificate of an older handshake."""
+    context = ssl.create_default_context(cafile=str(server.root_cert))
+    host, port = server.url.removeprefix("https://").rsplit(":", 1)
+    sessions: list[ssl.SSLSession] = []
+    for _ in range(2):
+        with socket.create_connection((host, int(port))) as raw, \
+                context.wrap_socket(raw, server_hostname=host, session=sessions[-1] if sessions else None) as tls:
+            tls.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            assert tls.recv(12) == b"HTTP/1.1 200"
+            assert tls.version() == "TLSv1.3" and not tls.session_reused
+            assert tls.session is not None
+            sessions.append(tls.session)
+
+
 def test_a_token_for_another_node_is_refused(server: Server) -> None:
     token = server.token("robot-6")
     before = _issued(server)
@@ -219,6 +264,8 @@ def test_sigterm_stops_all_workers(tmp_path: Path) -> None:
         time.sleep(1.0)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=15) == 0
+        assert proc.stderr is not None
+        assert f"2 worker(s), HTTP/1.1 on {select().describe()}" in proc.stderr.read()
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -229,3 +276,18 @@ def test_serve_refuses_a_missing_ca(tmp_path: Path) -> None:
     out = subprocess.run([*SERVER, "serve", "--dir", str(tmp_path / "nope"), "--port", "0"],
                          capture_output=True, text=True, timeout=60, check=False)
     assert out.returncode == 1 and "ca init" in out.stderr
+
+
+def test_serve_refuses_a_port_another_server_listens_on(tmp_path: Path) -> None:
+    """Workers share their port through SO_REUSEPORT; that must never mean sharing it with a stale server."""
+    ca_dir = tmp_path / "ca"
+    subprocess.run([*SERVER, "ca", "init", "--dir", str(ca_dir), "--trust-domain", TRUST_DOMAIN],
+                   capture_output=True, text=True, timeout=60, check=True)
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as other:
+        other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        port = other.getsockname()[1]
+        out = subprocess.run([*SERVER, "serve", "--dir", str(ca_dir), "--port", str(port), "--workers", "2"],
+                             capture_output=True, text=True, timeout=30, check=False)
+    assert out.returncode == 1 and "Address already in use" in out.stderr
