@@ -30,7 +30,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from typing import Any
 
 from .baselines import CertManagerPolicy, StepCaPolicy
@@ -126,34 +126,17 @@ def run_robots(config: HarnessConfig, indices: Sequence[int]) -> list[RobotResul
 
 
 @dataclass
-class PolicyReport:
-    """One policy's totals over the fleet."""
+class PolicyReport(RobotStats):
+    """One policy's totals over the fleet: a robot's counters summed, plus how many robots saw expiry."""
 
-    policy: str
-    expired_served_s: float = 0.0
     robots_with_expired: int = 0
-    expiries: int = 0
-    mismatches: int = 0
-    missing: int = 0
-    checks: int = 0
-    renewals: int = 0
-    failed_attempts: int = 0
-    ca_requests: int = 0
-    install_failures: int = 0
-    refused_expired: int = 0
-    crashes: int = 0
-    reenrolments: int = 0
-    clock_events: int = 0
-    worst_margin_s: float = math.inf
-    crash_points: Counter[str] = field(default_factory=Counter)
 
     def add(self, robot: RobotStats) -> None:
-        self.expired_served_s += robot.expired_served_s
+        for f in fields(RobotStats):
+            value = getattr(robot, f.name)
+            if isinstance(value, int | float) and f.name != "worst_margin_s":
+                setattr(self, f.name, getattr(self, f.name) + value)
         self.robots_with_expired += robot.expired_served_s > 0
-        for name in ("expiries", "mismatches", "missing", "checks", "renewals", "failed_attempts",
-                     "ca_requests", "install_failures", "refused_expired", "crashes", "reenrolments",
-                     "clock_events"):
-            setattr(self, name, getattr(self, name) + getattr(robot, name))
         self.worst_margin_s = min(self.worst_margin_s, robot.worst_margin_s)
         self.crash_points.update(robot.crash_points)
 

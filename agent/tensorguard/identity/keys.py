@@ -12,7 +12,6 @@ from cryptography.hazmat.primitives.serialization import (
     NoEncryption,
     PrivateFormat,
     PublicFormat,
-    load_pem_private_key,
 )
 from cryptography.x509.oid import NameOID
 
@@ -34,13 +33,6 @@ def key_pem(key: PrivateKey) -> bytes:
     return key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption())
 
 
-def load_key(pem: bytes) -> PrivateKey:
-    key = load_pem_private_key(pem, password=None)
-    if not isinstance(key, ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey):
-        raise ValueError(f"unsupported key type {type(key).__name__}: expected ECDSA or Ed25519")
-    return key
-
-
 def public_der(key: PrivateKey) -> bytes:
     return key.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
 
@@ -53,10 +45,6 @@ def build_csr(key: PrivateKey, trust_domain: str, node_id: str) -> x509.Certific
                    [x509.UniformResourceIdentifier(spiffe_id(trust_domain, node_id))]), critical=False))
     algorithm = None if isinstance(key, ed25519.Ed25519PrivateKey) else hashes.SHA256()
     return builder.sign(key, algorithm)
-
-
-def cert_matches_key(cert: x509.Certificate, key: PrivateKey) -> bool:
-    return cert.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo) == public_der(key)
 
 
 def cert_spiffe_ids(cert: x509.Certificate) -> list[str]:

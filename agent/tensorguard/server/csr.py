@@ -13,6 +13,8 @@ import binascii
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
+from . import der
+
 PEM_MARKERS = (b"-----BEGIN CERTIFICATE REQUEST-----", b"-----BEGIN NEW CERTIFICATE REQUEST-----")
 _WHITESPACE = b" \t\r\n"
 
@@ -61,32 +63,16 @@ def decode_body(body: bytes) -> x509.CertificateSigningRequest:
         raise CsrError(f"base64 decodes but is not a DER PKCS#10 certificate request: {exc}") from None
 
 
-def _read_tlv(data: bytes, pos: int) -> tuple[int, int, int]:
-    """Return (tag, content start, content end) of the DER element at ``pos``."""
-    if pos + 2 > len(data):
-        raise CsrError("certificate request is truncated")
-    tag, first = data[pos], data[pos + 1]
-    pos += 2
-    if first < 0x80:
-        length = first
-    else:
-        count = first & 0x7F
-        if count == 0 or count > 4 or pos + count > len(data):
-            raise CsrError("certificate request has an invalid DER length")
-        length = int.from_bytes(data[pos:pos + count], "big")
-        pos += count
-    if pos + length > len(data):
-        raise CsrError("certificate request is truncated")
-    return tag, pos, pos + length
-
-
 def spki_der(csr: x509.CertificateSigningRequest) -> bytes:
     """The SubjectPublicKeyInfo bytes of a parsed CSR (version, subject, then SPKI in its info)."""
     tbs = csr.tbs_certrequest_bytes
-    _, start, _ = _read_tlv(tbs, 0)  # CertificationRequestInfo SEQUENCE
-    _, _, after_version = _read_tlv(tbs, start)
-    _, _, after_subject = _read_tlv(tbs, after_version)
-    _, _, end = _read_tlv(tbs, after_subject)
+    try:
+        _, start, _ = der.read(tbs, 0)  # CertificationRequestInfo SEQUENCE
+        _, _, after_version = der.read(tbs, start)
+        _, _, after_subject = der.read(tbs, after_version)
+        _, _, end = der.read(tbs, after_subject)
+    except ValueError as exc:
+        raise CsrError(f"certificate request: {exc}") from None
     return tbs[after_subject:end]
 
 
