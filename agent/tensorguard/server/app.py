@@ -25,7 +25,10 @@ def create_app(settings: ServerSettings, clock: Clock = utc_now, store: CAStore 
     ca = CertificateAuthority.load(settings.ca_dir, policy)
     if store is None:
         store = SQLiteStore(settings.paths.database, settings.sqlite_synchronous)
-    service = EnrolmentService(ca, store, PeerVerifier(ca.cert, trust_domain), clock)
+    # The only TLS extension the app sees comes from tlsproto's protocols, after a handshake that
+    # verified the client's chain with this intermediate as its only anchor.
+    peers = PeerVerifier(ca.cert, trust_domain, signature_checked_by_tls=True)
+    service = EnrolmentService(ca, store, peers, clock)
     endpoints = EstEndpoints(service, settings.max_body_bytes)
     app = FastAPI(title="TensorGuard control plane", version=__version__, docs_url="/docs",
                   description="Certificate authority with RFC 7030 (EST) enrolment for robot identities.")

@@ -147,8 +147,12 @@ def test_an_expired_certificate_cannot_renew(server: Server, tmp_path: Path) -> 
 
 
 def test_a_certificate_from_another_ca_fails_the_handshake(server: Server, tmp_path: Path) -> None:
+    """A twin CA with the very same names but other keys: only the handshake's signature check stops
+    it, the app relies on that (PeerVerifier does not verify the signature a second time)."""
     key = p256()
     other = make_ca(tmp_path / "other", now=utc_now())
+    ours = x509.load_pem_x509_certificate(CAPaths(server.ca_dir).intermediate_cert.read_bytes())
+    assert other.cert.subject == ours.subject
     cert = other.issue(make_csr(key), "robot-2", utc_now())
     (tmp_path / "f.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     (tmp_path / "f.key").write_bytes(key_pem(key))

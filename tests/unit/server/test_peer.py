@@ -48,6 +48,16 @@ def test_same_names_but_another_key_fails_the_signature(tmp_path: Path) -> None:
         PeerVerifier(ours.cert, TRUST_DOMAIN).verify(_tls(forged), NOW)
 
 
+def test_a_verifier_trusting_the_handshake_still_checks_issuer_name_and_spiffe_id(tmp_path: Path) -> None:
+    ours = make_ca(tmp_path / "ours")
+    init_ca(tmp_path / "other", "other.test", ["localhost"], NOW)
+    other = CertificateAuthority.load(tmp_path / "other", IssuancePolicy("other.test"))
+    verifier = PeerVerifier(ours.cert, TRUST_DOMAIN, signature_checked_by_tls=True)
+    with pytest.raises(PeerError, match="not by this CA's intermediate"):
+        verifier.verify(_tls(other.issue(make_csr(p256()), "r1", NOW)), NOW)
+    assert verifier.verify(_tls(ours.issue(make_csr(p256()), "r1", NOW)), NOW).node_id == "r1"
+
+
 def test_dates_come_from_the_app_clock(tmp_path: Path) -> None:
     ca = make_ca(tmp_path / "ca")
     cert = ca.issue(make_csr(p256()), "r1", NOW)
