@@ -123,6 +123,8 @@ def serving(machine: rootfs.Container) -> rootfs.Container:
         assert states[SERVER] == "active", diagnose(box, SERVER)
         text = wait_journal(box, SERVER, f"listening on {SERVER_URL}")
     assert f"listening on {SERVER_URL}" in text, f"server never listened:\n{diagnose(box, SERVER)}"
+    # The .deb bundles uvicorn's C parser and libuv loop; Debian's own would not be picked.
+    assert "HTTP/1.1 on httptools 0.9.0 on uvloop 0.23.0" in text, diagnose(box, SERVER)
     return box
 
 
