@@ -22,6 +22,7 @@ otherwise, except under TG_REQUIRE_E2E=1, where a missing piece is a failure.
 from __future__ import annotations
 
 import json
+import secrets
 import subprocess
 import time
 from collections.abc import Iterator
@@ -60,6 +61,8 @@ TOKEN_FILE = "/var/lib/tensorguard/identity/bootstrap-token"
 SINK_DIR = "/srv/robot-tls"
 SINK_DROPIN = "/etc/systemd/system/tensorguard-identity.service.d/50-sink.conf"
 IDENTITY_DROPIN = "/etc/tensorguard/agent.d/50-identity.toml"
+PKCS11_DROPIN = "/etc/systemd/system/tensorguard-identity.service.d/60-pkcs11.conf"
+PKCS11_PIN = "/etc/tensorguard/pkcs11-pin"
 
 
 @dataclass
@@ -329,6 +332,64 @@ def test_journals_have_no_traceback(machine: rootfs.Container, enrolled: Enrolme
     assert restarts == ["0", "0"], restarts
     # The token is never logged.
     assert enrolled.token not in ident + server
+
+
+def test_pkcs11_key_on_softhsm_under_the_hardened_unit(machine: rootfs.Container,
+                                                        enrolled: Enrolment) -> None:
+    """key_store = "pkcs11" with softhsm2 and README's unit drop-in: a renewal authenticated by the
+    file key moves the identity onto the token; the next renewal signs its handshake on the token
+    (curl + OpenSSL's pkcs11 engine) and deletes the replaced key."""
+    box = machine
+    with rootfs.step("apt-get install softhsm2 python3-pykcs11 curl libengine-pkcs11-openssl"):
+        sh(box, f"{APT} install softhsm2 python3-pykcs11 curl libengine-pkcs11-openssl", timeout=300)
+    pin = secrets.token_hex(8)
+    box.exec(["install", "-o", "tensorguard", "-g", "tensorguard", "-m", "0600", "/dev/stdin",
+              PKCS11_PIN], input=pin + "\n")
+    # The token belongs to the unit's user (softhsm's token directory is root:softhsm 2770).
+    sh(box, "adduser --quiet tensorguard softhsm")
+    init = box.exec(["runuser", "-u", "tensorguard", "--", "softhsm2-util", "--init-token", "--free",
+                     "--label", "tensorguard", "--so-pin", secrets.token_hex(8), "--pin", pin],
+                    check=False)
+    assert init.returncode == 0, f"{init.stdout}\n{init.stderr}"
+    sh(box, f"printf '[Service]\\nSupplementaryGroups=softhsm\\nReadWritePaths=/var/lib/softhsm/tokens\\n' "
+            f"> {PKCS11_DROPIN} && systemctl daemon-reload")
+    text = box.exec(["cat", IDENTITY_DROPIN]).stdout
+    box.exec(["tee", IDENTITY_DROPIN], input=text.replace(
+        "[identity]\n", '[identity]\nkey_store = "pkcs11"\n', 1) + f'\n[identity.pkcs11]\npin_file = "{PKCS11_PIN}"\n')
+    sh(box, "tgctl config validate")
+    since = sh(box, "date +%s").stdout.strip()
+    sh(box, f"systemctl restart {IDENTITY}")
+    states = wait_for(box, (IDENTITY,), "active", timeout=30)
+    assert states[IDENTITY] == "active", diagnose(box, IDENTITY)
+    serials = []
+    for _ in range(2):
+        code, done = tgctl_json(box, "identity", "renew")
+        assert code == 0, f"{done}\n{diagnose(box, IDENTITY, SERVER)}"
+        serials.append(done["serial"])
+        live_key = sh(box, "cat /var/lib/tensorguard/identity/live/key.pem").stdout
+        sink_key = sh(box, f"cat {SINK_DIR}/key.pem").stdout
+        assert live_key.startswith("pkcs11:") and "token=tensorguard" in live_key, live_key
+        assert sink_key == live_key, (sink_key, live_key)
+        # Exactly one private key on the token: the live one (the replaced one was deleted).
+        script = (
+            "import PyKCS11\n"
+            "lib = PyKCS11.PyKCS11Lib(); lib.load('/usr/lib/softhsm/libsofthsm2.so')\n"
+            "slot = next(s for s in lib.getSlotList(tokenPresent=True)\n"
+            "            if lib.getTokenInfo(s).label.strip() == 'tensorguard')\n"
+            "session = lib.openSession(slot)\n"
+            f"session.login(open('{PKCS11_PIN}').read().strip())\n"
+            "keys = session.findObjects([(PyKCS11.CKA_CLASS, PyKCS11.CKO_PRIVATE_KEY)])\n"
+            "print(len(keys), *[session.getAttributeValue(k, [PyKCS11.CKA_LABEL])[0] for k in keys])\n")
+        r = box.exec(["runuser", "-u", "tensorguard", "--", "python3", "-I", "-c", script], check=False)
+        assert r.returncode == 0, f"{r.stdout}\n{r.stderr}"
+        count, *labels = r.stdout.split()
+        assert count == "1" and f"object={labels[0]}" in live_key, (r.stdout, live_key)
+    assert len(set(serials)) == 2, serials
+    show = identity_show(box)
+    assert show["state"] == "valid" and show["serial"] == serials[-1], show
+    ident = journal(box, IDENTITY, since=since)
+    assert "Traceback" not in ident, ident
+    assert pin not in ident, "the PIN reached the journal"
 
 
 def test_server_upgrade_restarts_it(machine: rootfs.Container, enrolled: Enrolment,
