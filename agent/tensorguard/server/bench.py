@@ -278,10 +278,13 @@ def _start_server(ca_dir: Path, engine: Engine, workers: int = WORKERS,
     return proc, port
 
 
-def _stop_server(server: subprocess.Popen[str]) -> None:
+def stop_server(server: subprocess.Popen[str], timeout: float = 30) -> None:
+    """SIGTERM (the server stops its workers), SIGKILL after ``timeout`` seconds; reaped either way."""
+    if server.poll() is not None:
+        return
     server.send_signal(signal.SIGTERM)
     try:
-        server.wait(timeout=30)
+        server.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
         server.kill()
         server.wait()
@@ -349,7 +352,7 @@ def end_to_end(ca_dir: Path, robots: int, progress: Progress, engine: Engine | N
         renew = [queue.get(timeout=600) for _ in clients]
         cpu3 = _cpu_seconds(server.pid)
         if capacity:
-            _stop_server(server)
+            stop_server(server)
             progress(f"fleet re-issued on shared cores; again with one server worker alone on core "
                      f"{cores[0]} and the robots on {sorted(client_cpus)}")
             server, shared_port.value = _start_server(ca_dir, engine, 1, server_cpus)
@@ -374,7 +377,7 @@ def end_to_end(ca_dir: Path, robots: int, progress: Progress, engine: Engine | N
         for proc in clients:
             if proc.is_alive():
                 proc.kill()
-        _stop_server(server)
+        stop_server(server)
         shutil.rmtree(work, ignore_errors=True)
     enrolled, enroll_s, enroll_client_cpu = _phase(enroll)
     renewed, renew_s, renew_client_cpu = _phase(renew)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import signal
 import ssl
 import subprocess
 import sys
@@ -14,6 +13,7 @@ from pathlib import Path
 
 import httpx
 
+from tensorguard.server.bench import stop_server
 from tensorguard.server.ca import CAPaths
 from tensorguard.server.store import SQLiteStore
 
@@ -80,10 +80,4 @@ def running_ca(ca_dir: Path, trust_domain: str, *, workers: int = 1,
                 time.sleep(0.1)
         yield handle
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_server(proc, timeout=15)
