@@ -346,21 +346,23 @@ def end_to_end(ca_dir: Path, robots: int, progress: Progress, engine: Engine | N
         cpu0 = _cpu_seconds(server.pid)
         enroll = [queue.get(timeout=600) for _ in clients]
         cpu1 = _cpu_seconds(server.pid)
-        progress("enrolment done; clients are preparing their mTLS contexts (not timed)")
+        progress(f"enrolled in {_phase(enroll)[1]:.2f} s; clients are preparing their mTLS contexts "
+                 "(not timed)")
         barrier.wait(timeout=600)
         cpu2 = _cpu_seconds(server.pid)
         renew = [queue.get(timeout=600) for _ in clients]
         cpu3 = _cpu_seconds(server.pid)
         if capacity:
             stop_server(server)
-            progress(f"fleet re-issued on shared cores; again with one server worker alone on core "
-                     f"{cores[0]} and the robots on {sorted(client_cpus)}")
+            progress(f"fleet re-issued in {_phase(renew)[1]:.2f} s on shared cores; again with one server "
+                     f"worker alone on core {cores[0]} and the robots on {sorted(client_cpus)}")
             server, shared_port.value = _start_server(ca_dir, engine, 1, server_cpus)
             barrier.wait(timeout=600)
             cpu4 = _cpu_seconds(server.pid)
             alone = [queue.get(timeout=600) for _ in clients]
             cpu5 = _cpu_seconds(server.pid)
             one_core, one_core_s, one_core_client_cpu = _phase(alone)
+            progress(f"fleet re-issued in {one_core_s:.2f} s by one server core")
             figures.update({
                 "one_core_reissue_robots": one_core,
                 "one_core_reissue_s": round(one_core_s, 3),

@@ -25,13 +25,23 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from . import der
 from .files import InsecureKeyFile, read_secret, write_public, write_secret
-from .policy import Approved, CertificatePublicKey, IssuancePolicy, approve
+from .policy import Approved, IssuancePolicy, approve
 from .spiffe import SCHEME, check_trust_domain
 from .timeutil import as_utc
 
 ROOT_LIFETIME = timedelta(days=3650)
 INTERMEDIATE_LIFETIME = timedelta(days=730)
 SERVER_LIFETIME = timedelta(days=365)
+
+
+@dataclass(frozen=True)
+class Signed:
+    """A certificate the CA has just signed: its DER, and the serial and dates as encoded in it."""
+
+    der: bytes
+    serial: int
+    not_before: datetime
+    not_after: datetime
 
 
 class CAError(RuntimeError):
@@ -257,6 +267,10 @@ class CertificateAuthority:
 
     def sign(self, approved: Approved, now: datetime, lifetime: timedelta | None = None) -> x509.Certificate:
         """Sign an approved request; notAfter never outlives the intermediate."""
+        return x509.load_der_x509_certificate(self.sign_der(approved, now, lifetime).der)
+
+    def sign_der(self, approved: Approved, now: datetime, lifetime: timedelta | None = None) -> Signed:
+        """`sign`, returning the DER and the fields the registry needs without parsing it back."""
         if now >= self.not_after or now < self.not_before:
             raise CAError(f"the intermediate certificate is not valid at {now.isoformat()} (valid "
                           f"{self.not_before.isoformat()} to {self.not_after.isoformat()})")
@@ -264,29 +278,35 @@ class CertificateAuthority:
         key = approved.public_key
         key_usage = self._ku_rsa if isinstance(key, rsa.RSAPublicKey) else self._ku_sign
         san = der.general_names([approved.spiffe_id], approved.dns_names)
-        return self._build(der.common_name(approved.node_id), key, (now, not_after), (key_usage, self._eku),
-                           san)
+        spki = approved.spki or key.public_bytes(serialization.Encoding.DER,
+                                                 serialization.PublicFormat.SubjectPublicKeyInfo)
+        return self._build(der.common_name(approved.node_id), spki, (now, not_after),
+                           (key_usage, self._eku), san)
 
-    def _build(self, subject: bytes, key: CertificatePublicKey, validity: tuple[datetime, datetime],
-               usages: tuple[bytes, bytes], san: bytes) -> x509.Certificate:
+    def _build(self, subject: bytes, spki: bytes, validity: tuple[datetime, datetime],
+               usages: tuple[bytes, bytes], san: bytes) -> Signed:
         """Encode and sign: exactly what CertificateBuilder would write with these extensions in this
         order (basicConstraints, keyUsage, extKeyUsage, subjectAltName, SKI, AKI)."""
         now, not_after = validity
-        spki = key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
         ski = der.extension(_SKI, False, der.tlv(der.OCTET_STRING, der.key_identifier(spki)))
         extensions = (self._basic, *usages, der.extension(_SAN, False, san), ski, self._aki)
-        tbs = der.tbs_certificate(random_serial(), self._issuer, (now - self.policy.backdate, not_after),
-                                  subject, spki, extensions=extensions)
+        serial = random_serial()
+        not_before = now - self.policy.backdate
+        tbs = der.tbs_certificate(serial, self._issuer, (not_before, not_after), subject, spki,
+                                  extensions=extensions)
         signature = self.key.sign(hashlib.sha256(tbs).digest(), ec.ECDSA(Prehashed(hashes.SHA256())))
-        return x509.load_der_x509_certificate(der.certificate(tbs, signature))
+        return Signed(der.certificate(tbs, signature), serial, der.whole_seconds(not_before),
+                      der.whole_seconds(not_after))
 
     def issue_server(self, key: ec.EllipticCurvePublicKey, host_names: list[str], now: datetime,
                      lifetime: timedelta = SERVER_LIFETIME) -> x509.Certificate:
         """The API's own TLS certificate (serverAuth only) for its DNS names and IP addresses."""
         subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, host_names[0])]).public_bytes()
         san = x509.SubjectAlternativeName(_host_names(host_names)).public_bytes()
-        return self._build(subject, key, (now, min(now + lifetime, self.not_after)),
-                           (self._ku_sign, self._eku_server), san)
+        spki = key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+        signed = self._build(subject, spki, (now, min(now + lifetime, self.not_after)),
+                             (self._ku_sign, self._eku_server), san)
+        return x509.load_der_x509_certificate(signed.der)
 
 
 _SAN = der.oid(x509.SubjectAlternativeName.oid.dotted_string)

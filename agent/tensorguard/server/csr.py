@@ -76,6 +76,22 @@ def spki_der(csr: x509.CertificateSigningRequest) -> bytes:
     return tbs[after_subject:end]
 
 
+_CANONICAL = {prefix: size for prefix, (kind, size) in _SPKI_PREFIXES.items() if size in (65, 97, 32)}
+"""The fixed-prefix SPKIs that are already in the form cryptography writes: a named curve with an
+uncompressed point (0x04 first), or Ed25519. A compressed point is not: it is re-encoded."""
+
+
+def canonical_spki(csr: x509.CertificateSigningRequest) -> bytes | None:
+    """The CSR's SubjectPublicKeyInfo when its bytes are exactly what the CA would encode for that key
+    (so they can go into the certificate as they are, once the key has been loaded and checked), else
+    None. An EC point must also start with 0x04 (uncompressed)."""
+    spki = spki_der(csr)
+    for prefix, size in _CANONICAL.items():
+        if len(spki) == len(prefix) + size and spki.startswith(prefix):
+            return spki if size == 32 or spki[len(prefix)] == 0x04 else None
+    return None
+
+
 def public_key(csr: x509.CertificateSigningRequest) -> object:
     """The CSR's public key, from raw bytes where the SPKI has a known fixed prefix."""
     spki = spki_der(csr)

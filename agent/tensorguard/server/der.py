@@ -63,6 +63,12 @@ def time(value: datetime) -> bytes:
     return tlv(GENERALIZED_TIME, utc.strftime("%Y%m%d%H%M%SZ").encode("ascii"))
 
 
+def whole_seconds(value: datetime) -> datetime:
+    """The instant `time` encodes for ``value``, as an aware UTC datetime (naive means UTC there too)."""
+    utc = value.astimezone(UTC) if value.tzinfo is not None else value.replace(tzinfo=UTC)
+    return utc.replace(microsecond=0)
+
+
 def common_name(value: str) -> bytes:
     """The Name ``CN=<value>`` (UTF8String, as cryptography writes a common name)."""
     attribute = tlv(SEQUENCE, _COMMON_NAME + tlv(UTF8_STRING, value.encode("utf-8")))

@@ -18,7 +18,6 @@ from datetime import datetime
 from typing import Any
 
 from cryptography import x509
-from cryptography.hazmat.primitives.serialization import Encoding
 
 from .ca import CAError, CertificateAuthority
 from .csr import CsrError, decode_body
@@ -33,7 +32,7 @@ from .policy import (
     check_key_and_signature,
 )
 from .store import AuditSink, CAStore, IssuedRecord, RedeemError
-from .timeutil import Clock, as_utc
+from .timeutil import Clock
 from .tokens import TokenFormatError, token_hash, token_ref
 
 ENROLL, REENROLL = "enroll", "reenroll"
@@ -81,12 +80,12 @@ class EnrolmentService:
     def _issue(self, approved: Approved, kind: str, now: datetime, *, remote: str | None,
                extra: dict[str, object], token: bytes | None = None) -> bytes:
         try:
-            cert = self.ca.sign(approved, now)
+            signed = self.ca.sign_der(approved, now)
         except CAError as exc:
             raise EnrolmentError(503, "ca_unavailable", str(exc)) from None
-        serial = format(cert.serial_number, "x")
-        not_after = as_utc(cert.not_valid_after)
-        record = IssuedRecord(serial, approved.node_id, kind, as_utc(cert.not_valid_before), not_after, now)
+        serial = format(signed.serial, "x")
+        not_after = signed.not_after
+        record = IssuedRecord(serial, approved.node_id, kind, signed.not_before, not_after, now)
         audit = (f"est.{kind}.issued", {"time": now, "node": approved.node_id, "remote": remote,
                                         "serial": serial, "not_after": not_after.isoformat(), **extra})
         try:
@@ -95,7 +94,7 @@ class EnrolmentService:
             raise EnrolmentError(401, f"token_{exc.code}", exc.reason) from None
         if self.audit is not None:
             self.audit.append(*audit)
-        return base64.b64encode(certs_only([cert.public_bytes(Encoding.DER)]))
+        return base64.b64encode(certs_only([signed.der]))
 
     def _refuse(self, kind: str, exc: EnrolmentError, now: datetime, *, remote: str | None,
                 node: str | None, extra: dict[str, object]) -> EnrolmentError:

@@ -82,6 +82,9 @@ class Approved:
     spiffe_id: str
     public_key: CertificatePublicKey
     dns_names: tuple[str, ...] = ()
+    spki: bytes | None = None
+    """The key's SubjectPublicKeyInfo as the request carried it, when that is already canonical DER
+    (`csr.canonical_spki`); the CA then need not encode the key again."""
 
 
 def _verify_ec(csr: x509.CertificateSigningRequest, key: ec.EllipticCurvePublicKey) -> None:
@@ -195,4 +198,8 @@ def approve(csr: x509.CertificateSigningRequest, node_id: str, policy: IssuanceP
         raise PolicyError(NAME_NOT_ALLOWED, str(exc)) from None
     checked = key if key is not None else check_key_and_signature(csr, policy.min_rsa_bits)
     dns = check_names(csr, node_id, policy)
-    return Approved(node_id, robot_id(policy.trust_domain, node_id), checked, dns)
+    try:
+        spki = csrmod.canonical_spki(csr)
+    except csrmod.CsrError:
+        spki = None
+    return Approved(node_id, robot_id(policy.trust_domain, node_id), checked, dns, spki)

@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 from tensorguard.server import der
 from tensorguard.server.ca import CertificateAuthority
+from tensorguard.server.csr import canonical_spki
 from tensorguard.server.policy import approve
 
 from .helpers import NOW, make_ca, make_csr, p256, spiffe
@@ -184,3 +185,48 @@ def test_key_identifier_is_cryptographys_method_1(kind: str) -> None:
 def test_key_identifier_refuses_broken_der(spki: bytes) -> None:
     with pytest.raises(ValueError):
         der.key_identifier(spki)
+
+
+def _csr_with_compressed_point(key: ec.EllipticCurvePrivateKey, node: str) -> x509.CertificateSigningRequest:
+    """A correctly self-signed PKCS#10 whose SPKI carries the compressed point (cryptography never
+    writes one; other clients may)."""
+    point = key.public_key().public_bytes(serialization.Encoding.X962, serialization.PublicFormat.CompressedPoint)
+    algorithm = der.tlv(der.SEQUENCE, der.oid("1.2.840.10045.2.1") + der.oid("1.2.840.10045.3.1.7"))
+    spki = der.tlv(der.SEQUENCE, algorithm + der.tlv(der.BIT_STRING, b"\x00" + point))
+    info = der.tlv(der.SEQUENCE, der.integer(0) + der.common_name(node) + spki + b"\xa0\x00")
+    signature = key.sign(info, ec.ECDSA(hashes.SHA256()))
+    return x509.load_der_x509_csr(der.tlv(der.SEQUENCE, info + der.ECDSA_WITH_SHA256
+                                          + der.tlv(der.BIT_STRING, b"\x00" + signature)))
+
+
+@pytest.mark.parametrize("kind", sorted(KEYS))
+def test_canonical_spki_is_exactly_what_the_ca_would_encode(kind: str) -> None:
+    key = KEYS[kind]()
+    csr = make_csr(key, algorithm=None if kind == "ed25519" else hashes.SHA256())
+    spki = key.public_key().public_bytes(serialization.Encoding.DER,
+                                         serialization.PublicFormat.SubjectPublicKeyInfo)
+    assert canonical_spki(csr) == (None if kind == "rsa2048" else spki)
+
+
+def test_a_request_with_a_compressed_point_gets_the_uncompressed_key_in_its_certificate(
+        ca: CertificateAuthority) -> None:
+    key = p256()
+    csr = _csr_with_compressed_point(key, "r-3")
+    assert canonical_spki(csr) is None
+    approved = approve(csr, "r-3", ca.policy)
+    assert approved.spki is None
+    cert = ca.sign(approved, NOW)
+    assert cert.public_key().public_bytes(serialization.Encoding.DER,
+                                          serialization.PublicFormat.SubjectPublicKeyInfo) == \
+        key.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+def test_sign_der_reports_the_serial_and_dates_it_encoded(ca: CertificateAuthority) -> None:
+    csr = make_csr(p256(), cn="r-4")
+    now = NOW + timedelta(microseconds=123456)
+    signed = ca.sign_der(approve(csr, "r-4", ca.policy), now)
+    cert = x509.load_der_x509_certificate(signed.der)
+    assert signed.serial == cert.serial_number
+    assert signed.not_before == cert.not_valid_before.replace(tzinfo=UTC)
+    assert signed.not_after == cert.not_valid_after.replace(tzinfo=UTC)
+    assert signed.not_before.microsecond == 0 and signed.not_before.tzinfo is UTC
