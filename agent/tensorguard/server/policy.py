@@ -191,7 +191,9 @@ def check_names(csr: x509.CertificateSigningRequest, node_id: str, policy: Issua
 
 def approve(csr: x509.CertificateSigningRequest, node_id: str, policy: IssuancePolicy,
             key: CertificatePublicKey | None = None) -> Approved:
-    """All checks for issuing ``csr`` to ``node_id`` (pass ``key`` if the signature was checked already)."""
+    """All checks for issuing ``csr`` to ``node_id``. Pass ``key`` if the signature was checked already:
+    it must be what `check_key_and_signature` returned for this very ``csr`` (whose SPKI bytes the
+    certificate then carries when they are canonical)."""
     try:
         check_node_id(node_id)
     except ValueError as exc:
