@@ -36,6 +36,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from cryptography.x509.oid import NameOID
 
+from .. import der
 from .keys import KeyType, spiffe_id
 
 if TYPE_CHECKING:
@@ -49,7 +50,6 @@ P256_POINT_LEN = 65
 """Uncompressed P-256 point: 0x04 || X || Y."""
 OID_EXTENSION_REQUEST = "1.2.840.113549.1.9.14"
 OID_SUBJECT_ALT_NAME = "2.5.29.17"
-OID_ECDSA_SHA256 = "1.2.840.10045.4.3.2"
 
 
 class Pkcs11Error(Exception):
@@ -376,37 +376,14 @@ def certification_request_info(public_key_der: bytes, trust_domain: str, node_id
     """The to-be-signed part of the CSR (RFC 2986): CN = node id, extensionRequest with the URI SAN."""
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, node_id)]).public_bytes()
     san = x509.SubjectAlternativeName([x509.UniformResourceIdentifier(spiffe_id(trust_domain, node_id))])
-    extension = _tlv(0x30, _oid(OID_SUBJECT_ALT_NAME) + _tlv(0x04, san.public_bytes()))
-    request = _tlv(0x30, _oid(OID_EXTENSION_REQUEST) + _tlv(0x31, _tlv(0x30, extension)))
-    return _tlv(0x30, bytes([0x02, 0x01, 0x00]) + subject + public_key_der + _tlv(0xA0, request))
+    extension = der.extension(der.oid(OID_SUBJECT_ALT_NAME), False, san.public_bytes())
+    request = der.tlv(der.SEQUENCE, der.oid(OID_EXTENSION_REQUEST)
+                      + der.tlv(der.SET, der.tlv(der.SEQUENCE, extension)))
+    return der.tlv(der.SEQUENCE, der.integer(0) + subject + public_key_der + der.tlv(0xA0, request))
 
 
 def build_csr_pkcs11(store: Pkcs11KeyStore, label: str, trust_domain: str, node_id: str) -> bytes:
     """The same request as keys.build_csr, signed by the token key ``label``: DER PKCS#10."""
     info = certification_request_info(store.public_key_der(label), trust_domain, node_id)
     signature = store.sign(label, info)
-    algorithm = _tlv(0x30, _oid(OID_ECDSA_SHA256))
-    return _tlv(0x30, info + algorithm + _tlv(0x03, b"\x00" + signature))
-
-
-def _tlv(tag: int, content: bytes) -> bytes:
-    """One DER element (definite length)."""
-    size = len(content)
-    if size < 0x80:
-        return bytes([tag, size]) + content
-    length = size.to_bytes((size.bit_length() + 7) // 8, "big")
-    return bytes([tag, 0x80 | len(length)]) + length + content
-
-
-def _oid(dotted: str) -> bytes:
-    """A DER OBJECT IDENTIFIER."""
-    arcs = [int(arc) for arc in dotted.split(".")]
-    body = bytearray([40 * arcs[0] + arcs[1]])
-    for arc in arcs[2:]:
-        chunk = [arc & 0x7F]
-        rest = arc >> 7
-        while rest:
-            chunk.append(0x80 | (rest & 0x7F))
-            rest >>= 7
-        body.extend(reversed(chunk))
-    return _tlv(0x06, bytes(body))
+    return der.tlv(der.SEQUENCE, info + der.ECDSA_WITH_SHA256 + der.tlv(der.BIT_STRING, b"\x00" + signature))

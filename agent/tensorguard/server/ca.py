@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from . import der
+from .. import der
 from .files import InsecureKeyFile, read_secret, write_public, write_secret
 from .policy import Approved, IssuancePolicy, approve
 from .spiffe import SCHEME, check_trust_domain

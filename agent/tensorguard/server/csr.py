@@ -13,7 +13,7 @@ import binascii
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
-from . import der
+from .. import der
 
 PEM_MARKERS = (b"-----BEGIN CERTIFICATE REQUEST-----", b"-----BEGIN NEW CERTIFICATE REQUEST-----")
 _WHITESPACE = b" \t\r\n"

@@ -19,7 +19,8 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from . import der, ecdsa
+from .. import der
+from . import ecdsa
 from .spiffe import parse_robot_id
 from .timeutil import as_utc
 

@@ -15,7 +15,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tensorguard.server import der
+from tensorguard import der
 from tensorguard.server.ca import CertificateAuthority
 from tensorguard.server.csr import canonical_spki
 from tensorguard.server.policy import approve

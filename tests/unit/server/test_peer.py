@@ -11,7 +11,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509.oid import NameOID
 
-from tensorguard.server import der
+from tensorguard import der
 from tensorguard.server.ca import CertificateAuthority, init_ca
 from tensorguard.server.peer import PeerError, PeerVerifier
 from tensorguard.server.policy import IssuancePolicy

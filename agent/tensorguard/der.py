@@ -1,7 +1,7 @@
-"""The few DER encodings the CA writes itself: a certificate's TBS is fixed in shape, so it is encoded
-directly and signed over its SHA-256 digest. cryptography's builder took ~140 us per certificate, this
-~57 us (measured); tests check the bytes equal the builder's output.
-"""
+"""DER written directly, for the few fixed shapes TensorGuard encodes itself: the CA's certificates
+(a TBS of fixed shape, signed over its SHA-256 digest; cryptography's builder took ~140 us per
+certificate, this ~57 us, measured; tests check the bytes equal the builder's output) and the CSR a
+PKCS#11 token signs (identity.pkcs11). Standard library only, so the agent and the server share it."""
 
 from __future__ import annotations
 
