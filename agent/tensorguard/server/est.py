@@ -147,26 +147,27 @@ class EstEndpoints:
 
     async def simpleenroll(self, scope: Scope, receive: Receive) -> Answer:
         """A first certificate, authorised by a single-use bootstrap token."""
-        try:
-            body = await read_body(scope, receive, self.max_body)
-        except BodyError as exc:
-            self.service.refuse(ENROLL, exc.status, exc.code, exc.reason, _remote(scope))
-            return _error(exc.status, exc.code, exc.reason)
-        try:
-            return _certs(self.service.enroll(body, header(scope, b"authorization"), _remote(scope)))
-        except EnrolmentError as exc:
-            return _error(exc.status, exc.code, exc.reason)
+        authorization = header(scope, b"authorization")
+        return await self._issue(ENROLL, scope, receive,
+                                 lambda body, remote: self.service.enroll(body, authorization, remote))
 
     async def simplereenroll(self, scope: Scope, receive: Receive) -> Answer:
         """A renewal, authorised by the current client certificate of the connection (mTLS)."""
+        tls = scope.get("extensions", {}).get("tls")
+        return await self._issue(REENROLL, scope, receive,
+                                 lambda body, remote: self.service.reenroll(body, tls, remote))
+
+    async def _issue(self, kind: str, scope: Scope, receive: Receive,
+                     issue: Callable[[bytes, str | None], bytes]) -> Answer:
+        """Read the body within the limit, then ``issue``; every refusal is audited and answered as JSON."""
+        remote = _remote(scope)
         try:
             body = await read_body(scope, receive, self.max_body)
         except BodyError as exc:
-            self.service.refuse(REENROLL, exc.status, exc.code, exc.reason, _remote(scope))
+            self.service.refuse(kind, exc.status, exc.code, exc.reason, remote)
             return _error(exc.status, exc.code, exc.reason)
         try:
-            tls = scope.get("extensions", {}).get("tls")
-            return _certs(self.service.reenroll(body, tls, _remote(scope)))
+            return _certs(issue(body, remote))
         except EnrolmentError as exc:
             return _error(exc.status, exc.code, exc.reason)
 

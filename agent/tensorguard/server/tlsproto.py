@@ -82,13 +82,19 @@ class WithTLS:
         await self.app(scope, receive, send)
 
 
-class PeerCertH11Protocol(H11Protocol):
-    """uvicorn's h11 HTTP/1.1 protocol plus the ASGI TLS extension (client certificate)."""
+class PeerCert:
+    """Mixin for a uvicorn HTTP protocol class (first among the bases): every HTTP scope of a TLS
+    connection gets the ASGI TLS extension with the connection's verified client certificate."""
 
     server_cert_pem: str | None = None
+    app: ASGIApp
 
-    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)  # type: ignore[misc]
         ssl_object = transport.get_extra_info("ssl_object")
         if ssl_object is not None:
             self.app = WithTLS(self.app, tls_extension(ssl_object, self.server_cert_pem))
+
+
+class PeerCertH11Protocol(PeerCert, H11Protocol):
+    """uvicorn's h11 HTTP/1.1 protocol plus the ASGI TLS extension (client certificate)."""
