@@ -201,54 +201,64 @@ def decode_entry(line: bytes, index: int) -> dict[str, Any]:
     return entry
 
 
+class _LineBlocks:
+    """A file's whole lines in large blocks (each ends with a newline); after the iteration ``tail``
+    is the length of the partial last line, if any."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.tail = 0
+
+    def __iter__(self) -> Iterator[bytes]:
+        carry = b""
+        with open(self.path, "rb") as handle:
+            while chunk := handle.read(_CHUNK):
+                data = carry + chunk
+                cut = data.rfind(b"\n") + 1
+                carry = data[cut:]
+                yield data[:cut]
+        self.tail = len(carry)
+
+
 def _scan_lines(path: Path, start: int, stop: int | None = None) -> tuple[int, list[bytes], int]:
     """Count complete lines and collect lines ``start``..``stop``; also the partial tail length.
 
-    Chunks that hold no wanted line are only counted, never split, so finding the tail of a
+    Blocks that hold no wanted line are only counted, never split, so finding the tail of a
     large file costs one read.
     """
     total = 0
     wanted: list[bytes] = []
-    carry = b""
-    with open(path, "rb") as handle:
-        while chunk := handle.read(_CHUNK):
-            data = carry + chunk
-            cut = data.rfind(b"\n") + 1
-            complete, carry = data[:cut], data[cut:]
-            count = complete.count(b"\n")
-            if total + count > start and (stop is None or total < stop):
-                lines = complete.split(b"\n")[:-1]
-                lo = max(start - total, 0)
-                hi = count if stop is None else min(stop - total, count)
-                wanted.extend(lines[lo:hi])
-            total += count
-    return total, wanted, len(carry)
+    blocks = _LineBlocks(path)
+    for complete in blocks:
+        count = complete.count(b"\n")
+        if total + count > start and (stop is None or total < stop):
+            lines = complete.split(b"\n")[:-1]
+            lo = max(start - total, 0)
+            hi = count if stop is None else min(stop - total, count)
+            wanted.extend(lines[lo:hi])
+        total += count
+    return total, wanted, blocks.tail
 
 
 def _hash_lines(path: Path, limit: int, deep: bool) -> tuple[bytearray, int]:
     """Leaf hashes of the first ``limit`` lines, and the number of complete lines in the file."""
     packed = bytearray()
     total = 0
-    carry = b""
-    with open(path, "rb") as handle:
-        while chunk := handle.read(_CHUNK):
-            data = carry + chunk
-            cut = data.rfind(b"\n") + 1
-            complete, carry = data[:cut], data[cut:]
-            if total >= limit:  # past the checkpoint: pending entries are only counted
-                total += complete.count(b"\n")
-                continue
-            lines = complete.split(b"\n")
-            lines.pop()
-            hashed = lines[:limit - total]
-            if deep:
-                for offset, line in enumerate(hashed):
-                    try:
-                        decode_entry(line, total + offset)
-                    except ValueError as exc:
-                        raise VerifyError("entry", str(exc), total + offset) from None
-            packed += pack_leaf_hashes(hashed)
-            total += len(lines)
+    for complete in _LineBlocks(path):
+        if total >= limit:  # past the checkpoint: pending entries are only counted
+            total += complete.count(b"\n")
+            continue
+        lines = complete.split(b"\n")
+        lines.pop()
+        hashed = lines[:limit - total]
+        if deep:
+            for offset, line in enumerate(hashed):
+                try:
+                    decode_entry(line, total + offset)
+                except ValueError as exc:
+                    raise VerifyError("entry", str(exc), total + offset) from None
+        packed += pack_leaf_hashes(hashed)
+        total += len(lines)
     return packed, total
 
 
