@@ -13,6 +13,7 @@ is thrown away and the request is refused, so one token never yields two certifi
 from __future__ import annotations
 
 import base64
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -141,7 +142,7 @@ class EnrolmentService:
             return ""  # a concurrent request consumed it first; either way it is gone
         return " (the token was consumed; ask for a new one)"
 
-    def reenroll(self, body: bytes, tls: dict[str, Any] | None, remote: str | None) -> bytes:
+    def reenroll(self, body: bytes, tls: Mapping[str, Any] | None, remote: str | None) -> bytes:
         """simplereenroll: a new certificate for the node of the current, valid client certificate."""
         now = self.clock()
         node: str | None = None

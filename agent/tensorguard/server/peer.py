@@ -11,6 +11,7 @@ mTLS renewal (measured) and proved nothing the handshake had not.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -87,7 +88,7 @@ class PeerVerifier:
         return Peer(nodes[0], format(cert.serial_number, "x"), as_utc(cert.not_valid_before),
                     as_utc(cert.not_valid_after))
 
-    def verify(self, tls: dict[str, Any] | None, now: datetime) -> Peer:
+    def verify(self, tls: Mapping[str, Any] | None, now: datetime) -> Peer:
         """The robot behind this connection's TLS extension, or PeerError."""
         if tls is None:
             raise PeerError("re-enrolment needs HTTPS with a client certificate")

@@ -15,6 +15,7 @@ from tensorguard import der
 from tensorguard.server.ca import CertificateAuthority, init_ca
 from tensorguard.server.peer import PeerError, PeerVerifier
 from tensorguard.server.policy import IssuancePolicy
+from tensorguard.server.tlsproto import TLSExtension
 
 from .helpers import NOW, TRUST_DOMAIN, make_ca, make_csr, p256
 
@@ -82,3 +83,23 @@ def test_tbs_issuer_with_and_without_the_version_field(tmp_path: Path) -> None:
     _, _, after_version = der.read(v1_tbs, start)
     without_version = der.tlv(der.SEQUENCE, v1_tbs[after_version:der.read(v1_tbs, 0)[2]])
     assert der.tbs_issuer(without_version) == name.public_bytes() == der.tbs_issuer(v1_tbs)
+
+
+def test_the_tls_extension_has_the_asgi_keys_and_names_the_subject_only_when_asked(tmp_path: Path) -> None:
+    ca = make_ca(tmp_path / "ca")
+    cert = ca.issue(make_csr(p256()), "r1", NOW)
+    der_bytes = cert.public_bytes(serialization.Encoding.DER)
+    tls = TLSExtension(der_bytes, "SERVER PEM", "TLSv1.3")
+    assert "client_cert_name" not in tls._values  # not parsed until someone reads it
+    assert dict(tls) == {
+        "server_cert": "SERVER PEM", "client_cert_chain": [ssl.DER_cert_to_PEM_cert(der_bytes)],
+        "client_cert_name": cert.subject.rfc4514_string(), "client_cert_error": None,
+        "tls_version": 0x0304, "cipher_suite": None}
+    assert PeerVerifier(ca.cert, TRUST_DOMAIN).verify(tls, NOW).node_id == "r1"
+    with pytest.raises(KeyError):
+        tls["client_cert_der"]
+    anonymous = TLSExtension(None, None, "TLSv1.2")
+    assert (anonymous["client_cert_chain"], anonymous["client_cert_name"], anonymous["tls_version"]) == \
+        ([], None, 0x0303)
+    with pytest.raises(PeerError, match="no client certificate was presented"):
+        PeerVerifier(ca.cert, TRUST_DOMAIN).verify(anonymous, NOW)
