@@ -5,12 +5,12 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test deps venv bpf lint unit integration e2e debs check-units docs clean
+.PHONY: demo test deps venv bpf tlsfront lint unit integration e2e debs check-units docs clean
 
-demo: deps venv bpf
+demo: deps venv bpf tlsfront
 	packaging/demo
 
-test: deps venv bpf lint debs
+test: deps venv bpf tlsfront lint debs
 	packaging/check-units
 	TG_REQUIRE_E2E=1 $(BIN)/pytest -p no:cacheprovider tests
 
@@ -41,6 +41,14 @@ e2e: venv debs
 bpf:
 	$(MAKE) -C bpf
 
+# The control plane's TLS front end (Rust), built offline from Debian's packaged crates with Debian's
+# toolchain (/usr/bin first: a rustup toolchain elsewhere on PATH is newer than what the .deb builds with);
+# installed beside the venv's python, where `tensorguard server serve` looks for it.
+CARGO := env PATH=/usr/sbin:/usr/bin:/sbin:/bin cargo
+tlsfront: venv
+	cd tlsfront && $(CARGO) build --release --offline --quiet && $(CARGO) test --release --offline --quiet
+	install -m 0755 tlsfront/target/release/tensorguard-tlsfront $(BIN)/tensorguard-tlsfront
+
 debs:
 	packaging/build-debs
 
@@ -48,6 +56,6 @@ docs: venv
 	$(BIN)/python packaging/gen-docs
 
 clean:
-	rm -rf $(VENV) build .mypy_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) build .mypy_cache .ruff_cache .hypothesis tlsfront/target
 	$(MAKE) -C bpf clean
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

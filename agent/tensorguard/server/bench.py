@@ -49,6 +49,7 @@ from cryptography.x509.oid import NameOID
 from .ca import CAPaths, CertificateAuthority, init_ca
 from .engine import Engine, select
 from .policy import IssuancePolicy, approve
+from .serve import select_front
 from .store import SQLiteStore
 from .timeutil import utc_now
 from .tokens import new_token, token_hash
@@ -213,10 +214,10 @@ def _renew_in_flight(port: int, contexts: list[ssl.SSLContext], bodies: list[byt
 
 
 def _client(port: Any, root: str, robots: list[tuple[str, str]], work: str, *, barrier: Barrier,
-            out: mp.Queue[dict[str, Any]], capacity_cpus: set[int] | None) -> None:
-    """One client process: enrols its robots over keep-alive connections, then renews each over mTLS
-    (and once more from ``capacity_cpus``, against the server the parent has restarted on its own core).
-    ``port`` is a shared integer the parent sets before each phase's barrier."""
+            out: mp.Queue[dict[str, Any]], capacity_cpus: set[int] | None, capacity_runs: int) -> None:
+    """One client process: enrols its robots over keep-alive connections, then renews each over mTLS,
+    and ``capacity_runs`` more times from ``capacity_cpus``, each against a server the parent has
+    restarted on its own core. ``port`` is a shared integer the parent sets before each phase's barrier."""
     keys = [ec.generate_private_key(ec.SECP256R1()) for _ in robots]
     bodies = [base64.b64encode(_csr(k, node).public_bytes(serialization.Encoding.DER))
               for k, (node, _) in zip(keys, robots, strict=True)]
@@ -237,15 +238,13 @@ def _client(port: Any, root: str, robots: list[tuple[str, str]], work: str, *, b
         context = ssl.create_default_context(cafile=root)
         context.load_cert_chain(path.with_suffix(".crt"), path.with_suffix(".key"))
         contexts.append(context)
-    for phase in ("reenroll", "capacity"):
-        if phase == "capacity":
-            if capacity_cpus is None:
-                return
+    for run in range(1 + (capacity_runs if capacity_cpus is not None else 0)):
+        if run == 1 and capacity_cpus is not None:
             os.sched_setaffinity(0, capacity_cpus)
         barrier.wait()
         cpu, start = time.process_time(), time.perf_counter()
         _renew_in_flight(port.value, contexts, bodies)
-        out.put({"phase": phase, "start": start, "end": time.perf_counter(), "count": len(contexts),
+        out.put({"phase": run, "start": start, "end": time.perf_counter(), "count": len(contexts),
                  "cpu": time.process_time() - cpu})
 
 
@@ -265,13 +264,14 @@ def _cpu_seconds(pid: int) -> float:
     return total
 
 
-def _start_server(ca_dir: Path, engine: Engine, workers: int = WORKERS,
-                  cpus: set[int] | None = None) -> tuple[subprocess.Popen[str], int]:
-    """The real server process (``workers`` uvicorn workers), confined to ``cpus`` if given, once every
-    worker answers."""
+def _start_server(ca_dir: Path, engine: Engine, workers: int = WORKERS, cpus: set[int] | None = None,
+                  tls: str = "auto") -> tuple[subprocess.Popen[str], int]:
+    """The real server process (``workers`` uvicorn workers, TLS as ``tls`` says), confined to ``cpus`` if
+    given, once every worker answers."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "tensorguard.server.cli", "serve", "--dir", str(ca_dir), "--port", "0",
-         "--workers", str(workers), "--log-level", "warning", "--http", engine.http, "--loop", engine.loop],
+         "--workers", str(workers), "--log-level", "warning", "--http", engine.http, "--loop", engine.loop,
+         "--tls", tls],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert proc.stdout is not None
     line = proc.stdout.readline()
@@ -280,7 +280,9 @@ def _start_server(ca_dir: Path, engine: Engine, workers: int = WORKERS,
         raise RuntimeError(f"server did not start: {line!r} {proc.communicate()[1][-2000:]}")
     port = int(line.strip().rsplit(":", 1)[1])
     root = ssl.create_default_context(cafile=str(CAPaths(ca_dir).root_cert))
-    children = workers if workers > 1 else 0  # one worker serves in the server process itself
+    front = select_front(tls) is not None
+    # forked workers (one serves in the server process itself when alone and without a front), the front
+    children = workers + 1 if front else (workers if workers > 1 else 0)
     deadline = time.monotonic() + 30
     while True:  # every worker must be serving before the clock starts
         try:
@@ -295,9 +297,10 @@ def _start_server(ca_dir: Path, engine: Engine, workers: int = WORKERS,
             proc.kill()
             raise RuntimeError("server did not answer /healthz within 30 s")
         time.sleep(0.1)
-    if cpus is not None:
+    if cpus is not None:  # every thread: the front's runtime threads exist already
         for pid in [proc.pid, *_worker_pids(proc.pid)]:
-            os.sched_setaffinity(pid, cpus)
+            for task in Path(f"/proc/{pid}/task").iterdir():
+                os.sched_setaffinity(int(task.name), cpus)
     time.sleep(0.5)
     return proc, port
 
@@ -332,15 +335,22 @@ def _phase(results: list[dict[str, Any]]) -> tuple[int, float, float]:
     return count, elapsed, sum(r["cpu"] for r in results)
 
 
+def _tls_modes() -> list[str]:
+    """The one-core runs: TLS in the workers (OpenSSL, the baseline), then the rustls front if installed."""
+    return ["openssl", "rustls"] if select_front("auto") is not None else ["openssl"]
+
+
 def end_to_end(ca_dir: Path, robots: int, progress: Progress, engine: Engine | None = None,
                capacity: bool = True) -> dict[str, Any]:
-    """Enrol ``robots`` robots over HTTPS, then renew all of them over mTLS; with ``capacity`` (and two
-    cores or more) renew them all once more against a one-worker server alone on core 0 while the
-    clients run on the other cores: that phase measures what one core of the CA can do when the robots'
-    own TLS work is not on its core (as in a real fleet)."""
+    """Enrol ``robots`` robots over HTTPS, then renew all of them over mTLS, with the server as
+    `serve` runs by default; with ``capacity`` (and two cores or more) renew them all once more per TLS
+    terminator (`_tls_modes`) against a one-worker server alone on core 0 while the clients run on the
+    other cores: those runs measure what one core of the CA can do when the robots' own TLS work is not on
+    its core (as in a real fleet), with TLS in the worker and in the rustls front."""
     engine = engine or select()
     cores = sorted(os.sched_getaffinity(0))
     capacity = capacity and len(cores) >= 2
+    modes = _tls_modes() if capacity else []
     server_cpus, client_cpus = {cores[0]}, set(cores[1:])
     store = SQLiteStore(CAPaths(ca_dir).database)
     now = utc_now()
@@ -349,7 +359,8 @@ def end_to_end(ca_dir: Path, robots: int, progress: Progress, engine: Engine | N
         token = new_token()
         store.add_token(token_hash(token), f"robot-{index:05d}", now, now + timedelta(hours=1))
         tokens.append((f"robot-{index:05d}", token))
-    progress(f"{robots} tokens created; starting the server ({WORKERS} workers)")
+    default_tls = "rustls" if select_front("auto") is not None else "openssl"
+    progress(f"{robots} tokens created; starting the server ({WORKERS} workers, TLS on {default_tls})")
     server, port = _start_server(ca_dir, engine)
     work = tempfile.mkdtemp(prefix="tg-bench-robots-")
     ctx = mp.get_context("fork")
@@ -358,10 +369,11 @@ def end_to_end(ca_dir: Path, robots: int, progress: Progress, engine: Engine | N
     queue: mp.Queue[dict[str, Any]] = ctx.Queue()
     slices = [tokens[i::CLIENTS] for i in range(CLIENTS)]
     clients = [ctx.Process(target=_client, args=(shared_port, str(CAPaths(ca_dir).root_cert), part, work),
-                           kwargs={"barrier": barrier, "out": queue,
+                           kwargs={"barrier": barrier, "out": queue, "capacity_runs": len(modes),
                                    "capacity_cpus": client_cpus if capacity else None})
                for part in slices]
     figures: dict[str, Any] = {}
+    one_core_runs = 0
     try:
         for proc in clients:
             proc.start()
@@ -376,26 +388,28 @@ def end_to_end(ca_dir: Path, robots: int, progress: Progress, engine: Engine | N
         cpu2 = _cpu_seconds(server.pid)
         renew = [queue.get(timeout=600) for _ in clients]
         cpu3 = _cpu_seconds(server.pid)
-        if capacity:
+        progress(f"fleet re-issued in {_phase(renew)[1]:.2f} s on shared cores")
+        for tls in modes:
             stop_server(server)
-            progress(f"fleet re-issued in {_phase(renew)[1]:.2f} s on shared cores; again with one server "
-                     f"worker alone on core {cores[0]} and the robots on {sorted(client_cpus)}")
-            server, shared_port.value = _start_server(ca_dir, engine, 1, server_cpus)
+            progress(f"again with one server worker (TLS on {tls}) alone on core {cores[0]} and the robots "
+                     f"on {sorted(client_cpus)}")
+            server, shared_port.value = _start_server(ca_dir, engine, 1, server_cpus, tls)
             barrier.wait(timeout=600)
             cpu4 = _cpu_seconds(server.pid)
             alone = [queue.get(timeout=600) for _ in clients]
             cpu5 = _cpu_seconds(server.pid)
-            one_core, one_core_s, one_core_client_cpu = _phase(alone)
-            progress(f"fleet re-issued in {one_core_s:.2f} s by one server core")
-            figures.update({
-                "one_core_reissue_robots": one_core,
-                "one_core_reissue_s": round(one_core_s, 3),
-                "one_core_certs_per_s": round(one_core / one_core_s),
-                "one_core_server_busy_pct": round(100 * (cpu5 - cpu4) / one_core_s, 1),
-                "one_core_clients_busy_pct": round(100 * one_core_client_cpu / one_core_s
-                                                   / len(client_cpus), 1),
-                "one_core_server_cpu_ms_per_cert": round((cpu5 - cpu4) / one_core * 1000, 3),
-            })
+            one_core_runs += 1
+            count, seconds, client_cpu = _phase(alone)
+            progress(f"fleet re-issued in {seconds:.2f} s by one server core, TLS on {tls}")
+            figures[tls] = {
+                "robots": count,
+                "s": round(seconds, 3),
+                "certs_per_s": round(count / seconds),
+                "server_busy_pct": round(100 * (cpu5 - cpu4) / seconds, 1),
+                "clients_busy_pct": round(100 * client_cpu / seconds / len(client_cpus), 1),
+                "server_cpu_ms_per_cert": round((cpu5 - cpu4) / count * 1000, 3),
+                "capacity_certs_per_s": round(count / (cpu5 - cpu4)) if cpu5 > cpu4 else 0,
+            }
         for proc in clients:
             proc.join(timeout=60)
         issued = len(store.issued())
@@ -407,11 +421,11 @@ def end_to_end(ca_dir: Path, robots: int, progress: Progress, engine: Engine | N
         shutil.rmtree(work, ignore_errors=True)
     enrolled, enroll_s, enroll_client_cpu = _phase(enroll)
     renewed, renew_s, renew_client_cpu = _phase(renew)
-    expected = enrolled + renewed + figures.get("one_core_reissue_robots", 0)
+    expected = enrolled + renewed * (1 + one_core_runs)
     if issued != expected:
         raise RuntimeError(f"registry holds {issued} certificates, expected {expected}")
-    return {
-        "server": f"{WORKERS} workers, HTTP/1.1 on {engine.describe()}",
+    results: dict[str, Any] = {
+        "server": f"{WORKERS} workers, HTTP/1.1 on {engine.describe()}, TLS on {default_tls}",
         "clients": f"{CLIENTS} processes; enrol: {CONNECTIONS} keep-alive connections each; "
                    f"re-issue: one mTLS connection per robot, {IN_FLIGHT} robots at once each",
         "robots": robots,
@@ -424,9 +438,22 @@ def end_to_end(ca_dir: Path, robots: int, progress: Progress, engine: Engine | N
         "fleet_reissue_certs_per_s": round(renewed / renew_s),
         "fleet_reissue_server_cpu_ms_per_cert": round((cpu3 - cpu2) / renewed * 1000, 3),
         "fleet_reissue_client_cpu_ms_per_cert": round(renew_client_cpu / renewed * 1000, 3),
-        **figures,
         "issued_rows": issued,
     }
+    if figures:
+        shipped = default_tls if default_tls in figures else modes[-1]
+        results["one_core_tls"] = shipped
+        results.update({f"one_core_{key}": value for key, value in figures[shipped].items()})
+        results["one_core_reissue_robots"] = results.pop("one_core_robots")
+        results["one_core_reissue_s"] = results.pop("one_core_s")
+        if "openssl" in figures and shipped != "openssl":
+            baseline = figures["openssl"]
+            results.update({f"one_core_openssl_{key}": value for key, value in baseline.items()
+                            if key in ("certs_per_s", "server_busy_pct", "server_cpu_ms_per_cert",
+                                       "capacity_certs_per_s")})
+            results["one_core_rustls_to_openssl_ratio"] = round(
+                baseline["server_cpu_ms_per_cert"] / figures[shipped]["server_cpu_ms_per_cert"], 2)
+    return results
 
 
 def run(quick: bool, progress: Progress, engine: Engine | None = None) -> dict[str, Any]:
@@ -445,8 +472,10 @@ def run(quick: bool, progress: Progress, engine: Engine | None = None) -> dict[s
                                                   / results["sign_only_certs_per_s"], 1)
     results["e2e_to_sign_only_ratio"] = round(results["e2e_certs_per_s"] / results["sign_only_certs_per_s"],
                                               3)
-    if "one_core_certs_per_s" in results:
-        results["fleet_10000_on_ca_cores_s"] = round(FLEET / (cores * results["one_core_certs_per_s"]), 2)
+    if results.get("one_core_capacity_certs_per_s"):
+        # the CA's CPU time for the fleet, spread over its cores (the robots' core may not keep it busy)
+        capacity = results["one_core_capacity_certs_per_s"]
+        results["fleet_10000_on_ca_cores_s"] = round(FLEET / (cores * capacity), 2)
         results["fleet_target_met"] = results["fleet_10000_on_ca_cores_s"] <= TARGET_FLEET_S
     if robots == FLEET:
         results["fleet_10000_shared_cores_s"] = results["fleet_reissue_s"]
@@ -470,15 +499,24 @@ def table(results: dict[str, Any]) -> str:
          f"{results['fleet_reissue_client_cpu_ms_per_cert']} ms"),
     ]
     if "one_core_certs_per_s" in results:
+        tls = results["one_core_tls"]
         rows += [
-            (f"fleet re-issue, one CA core, robots elsewhere ({results['one_core_reissue_robots']})",
+            (f"fleet re-issue, one CA core (TLS on {tls}), robots elsewhere "
+             f"({results['one_core_reissue_robots']})",
              f"{results['one_core_reissue_s']} s ({results['one_core_certs_per_s']} certs/s per core)"),
             ("  busy: CA core / robots' cores", f"{results['one_core_server_busy_pct']}% / "
              f"{results['one_core_clients_busy_pct']}% (server CPU "
-             f"{results['one_core_server_cpu_ms_per_cert']} ms per robot)"),
-            (f"10,000-robot fleet on a {cores}-core CA",
-             f"{results['fleet_10000_on_ca_cores_s']} s = 10,000 / ({cores} x one-core rate) "
-             f"(target <= {TARGET_FLEET_S:.0f}: {'met' if results['fleet_target_met'] else 'MISSED'})"),
+             f"{results['one_core_server_cpu_ms_per_cert']} ms per robot, i.e. "
+             f"{results['one_core_capacity_certs_per_s']} re-issues per CPU-second)"),
         ]
+        if "one_core_openssl_certs_per_s" in results:
+            rows.append(("  the same with TLS on OpenSSL in the worker (baseline)",
+                         f"{results['one_core_openssl_certs_per_s']} certs/s per core (server CPU "
+                         f"{results['one_core_openssl_server_cpu_ms_per_cert']} ms per robot); "
+                         f"CPU per robot OpenSSL / {tls} = {results['one_core_rustls_to_openssl_ratio']}"))
+        verdict = "met" if results["fleet_target_met"] else "MISSED"
+        rows.append((f"10,000-robot fleet on a {cores}-core CA",
+                     f"{results['fleet_10000_on_ca_cores_s']} s = 10,000 x CPU per robot / {cores} cores "
+                     f"(target <= {TARGET_FLEET_S:.0f}: {verdict})"))
     width = max(len(name) for name, _ in rows)
     return "\n".join(f"{name.ljust(width)}  {value}" for name, value in rows)

@@ -60,16 +60,18 @@ class Engine:
     http: str
     loop: str
 
-    def protocol(self, server_cert_pem: str | None) -> type[asyncio.Protocol]:
-        """uvicorn's protocol class for this parser, with the ASGI TLS extension for our certificate."""
+    def protocol(self, server_cert_pem: str | None, proxied: bool = False) -> type[asyncio.Protocol]:
+        """uvicorn's protocol class for this parser, with the ASGI TLS extension for our certificate:
+        from the connection's own TLS, or with ``proxied`` from the rustls front's header."""
         if self.http == "httptools":
-            from .tls_httptools import PeerCertHttpToolsProtocol  # noqa: PLC0415 (optional dependency)
+            from . import tls_httptools  # noqa: PLC0415 (optional dependency)
 
-            base: type[asyncio.Protocol] = PeerCertHttpToolsProtocol
+            base: type[asyncio.Protocol] = (tls_httptools.ProxiedHttpToolsProtocol if proxied
+                                            else tls_httptools.PeerCertHttpToolsProtocol)
         else:
-            from .tlsproto import PeerCertH11Protocol  # noqa: PLC0415
+            from .tlsproto import PeerCertH11Protocol, ProxiedH11Protocol  # noqa: PLC0415
 
-            base = PeerCertH11Protocol
+            base = ProxiedH11Protocol if proxied else PeerCertH11Protocol
         return type(f"Server{base.__name__}", (base,), {"server_cert_pem": server_cert_pem})
 
     def describe(self) -> str:

@@ -16,12 +16,17 @@ audit rows.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import ssl
+import subprocess
 import sys
+import tempfile
 from collections.abc import Callable
+from pathlib import Path
 from types import FrameType
+from typing import Any
 
 import uvicorn
 
@@ -31,6 +36,7 @@ from .engine import Engine, select
 from .policy import IssuancePolicy
 from .settings import ServerSettings
 from .store import SQLiteStore
+from .tlsfront import BINARY, INSTALLED, TLSFrontError, find_binary
 from .tlsproto import server_context
 
 
@@ -81,38 +87,75 @@ def tls_context(settings: ServerSettings) -> ssl.SSLContext:
 
 
 def run_worker(settings: ServerSettings, sock: socket.socket, context: ssl.SSLContext | None = None,
-               engine: Engine | None = None) -> None:
-    """One uvicorn server on its listening socket, until SIGTERM/SIGINT."""
+               engine: Engine | None = None, proxied: bool = False) -> None:
+    """One uvicorn server on its listening socket, until SIGTERM/SIGINT: HTTPS with ``context`` (built
+    from the settings if None), or with ``proxied`` plain HTTP from the rustls front on a Unix socket."""
     paths = settings.paths
-    if context is None:
+    if context is None and not proxied:
         context = tls_context(settings)
     if engine is None:
         engine = select(settings.http, settings.loop)
     server_pem = paths.server_cert.read_text().split("-----END CERTIFICATE-----")[0] + \
         "-----END CERTIFICATE-----\n"
+    tls: dict[str, Any] = {} if proxied else {"ssl_context_factory": lambda _config, _default: context}
     config = uvicorn.Config(
-        create_app(settings), http=engine.protocol(server_pem), loop=engine.loop,
-        ssl_context_factory=lambda _config, _default: context, proxy_headers=False,
-        lifespan="off", log_level=settings.log_level, access_log=settings.access_log,
-        server_header=False, timeout_keep_alive=30)
+        create_app(settings), http=engine.protocol(server_pem, proxied), loop=engine.loop,
+        proxy_headers=False, lifespan="off", log_level=settings.log_level, access_log=settings.access_log,
+        server_header=False, timeout_keep_alive=30, **tls)
     uvicorn.Server(config).run(sockets=[sock])
 
 
+def select_front(choice: str) -> Path | None:
+    """The rustls front's executable for ``--tls`` ``choice``, or None for TLS in the workers (OpenSSL);
+    TLSFrontError if rustls was asked for and is not installed."""
+    if choice == "openssl":
+        return None
+    binary = find_binary()
+    if binary is None and choice == "rustls":
+        raise TLSFrontError(f"--tls rustls: {BINARY} is not installed (looked for $TENSORGUARD_TLSFRONT, "
+                            f"{INSTALLED}, beside {sys.executable} and on PATH)")
+    return binary
+
+
+def unix_listener(path: Path) -> socket.socket:
+    """A listening Unix socket at ``path`` (in a 0700 directory), inheritable by the workers."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(str(path))
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+def start_front(binary: Path, settings: ServerSettings, listener: socket.socket,
+                upstreams: list[Path]) -> subprocess.Popen[bytes]:
+    """`tensorguard-tlsfront` on the TCP ``listener``, forwarding to the workers' ``upstreams``."""
+    paths = settings.paths
+    command = [str(binary), "--listen-fd", str(listener.fileno()), "--cert", str(paths.server_cert),
+               "--key", str(paths.server_key), "--client-ca", str(paths.intermediate_cert),
+               "--threads", str(settings.workers)]
+    for upstream in upstreams:
+        command += ["--upstream", str(upstream)]
+    return subprocess.Popen(command, pass_fds=(listener.fileno(),), stdin=subprocess.DEVNULL)
+
+
 def serve(settings: ServerSettings, announce: Callable[[str], None]) -> int:
-    """Serve until SIGTERM/SIGINT; returns the exit status (1 if a worker died on its own)."""
+    """Serve until SIGTERM/SIGINT; returns the exit status (1 if a worker or the front died on its own)."""
     engine = check(settings)
-    context = tls_context(settings)
-    print(f"tensorguard server: {settings.workers} worker(s), HTTP/1.1 on {engine.describe()}",
+    front = select_front(settings.tls)
+    context = None if front else tls_context(settings)
+    tls = f"TLS on rustls ({front})" if front else f"TLS on {ssl.OPENSSL_VERSION} in the workers"
+    print(f"tensorguard server: {settings.workers} worker(s), HTTP/1.1 on {engine.describe()}, {tls}",
           file=sys.stderr, flush=True)
-    socks = bind(settings.host, settings.port, settings.workers)
+    socks = bind(settings.host, settings.port, 1 if front else settings.workers)
     host, port = socks[0].getsockname()[:2]
     url = f"https://[{host}]:{port}" if ":" in host else f"https://{host}:{port}"
-    if settings.workers == 1:
+    if settings.workers == 1 and not front:
         announce(url)
         run_worker(settings, socks[0], context, engine)
         return 0
     children: set[int] = set()
     stopping = False
+    rundir: Path | None = None
 
     def stop(signum: int, _frame: FrameType | None) -> None:
         nonlocal stopping
@@ -122,36 +165,48 @@ def serve(settings: ServerSettings, announce: Callable[[str], None]) -> int:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    for index, sock in enumerate(socks):
-        pid = os.fork()
-        if pid == 0:
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            signal.signal(signal.SIGINT, signal.SIG_DFL)
-            for other in socks[:index] + socks[index + 1:]:
-                other.close()
-            status = 0
+    try:
+        if front:
+            rundir = Path(tempfile.mkdtemp(prefix="tensorguard-server-"))  # 0700: only this user connects
+            upstreams = [rundir / f"worker{index}.sock" for index in range(settings.workers)]
+            listeners = [unix_listener(path) for path in upstreams]
+            children.add(start_front(front, settings, socks[0], upstreams).pid)
+            socks[0].close()
+            socks = listeners
+        for index, sock in enumerate(socks):
+            pid = os.fork()
+            if pid == 0:
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                signal.signal(signal.SIGINT, signal.SIG_DFL)
+                for other in socks[:index] + socks[index + 1:]:
+                    other.close()
+                status = 0
+                try:
+                    run_worker(settings, sock, context, engine, proxied=front is not None)
+                except BaseException as exc:  # a worker must never return into the parent's code
+                    print(f"tensorguard server worker {os.getpid()}: {exc}", file=sys.stderr, flush=True)
+                    status = 1
+                os._exit(status)
+            children.add(pid)
+        for sock in socks:
+            sock.close()
+        announce(url)
+        status = 0
+        while children:
             try:
-                run_worker(settings, sock, context, engine)
-            except BaseException as exc:  # a worker must never return into the parent's code
-                print(f"tensorguard server worker {os.getpid()}: {exc}", file=sys.stderr, flush=True)
+                pid, code = os.wait()
+            except ChildProcessError:
+                break
+            except InterruptedError:
+                continue
+            children.discard(pid)
+            if not stopping:
+                what = "process" if front else "worker"
+                print(f"tensorguard server: {what} {pid} exited ({code}); stopping the others",
+                      file=sys.stderr, flush=True)
                 status = 1
-            os._exit(status)
-        children.add(pid)
-    for sock in socks:
-        sock.close()
-    announce(url)
-    status = 0
-    while children:
-        try:
-            pid, code = os.wait()
-        except ChildProcessError:
-            break
-        except InterruptedError:
-            continue
-        children.discard(pid)
-        if not stopping:
-            print(f"tensorguard server: worker {pid} exited ({code}); stopping the others", file=sys.stderr,
-                  flush=True)
-            status = 1
-            stop(signal.SIGTERM, None)
-    return status
+                stop(signal.SIGTERM, None)
+        return status
+    finally:
+        if rundir is not None:
+            shutil.rmtree(rundir, ignore_errors=True)

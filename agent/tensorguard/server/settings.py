@@ -9,6 +9,8 @@ from pathlib import Path
 from .ca import CAPaths
 from .engine import HTTP_CHOICES, LOOP_CHOICES
 
+TLS_CHOICES = ("auto", "rustls", "openssl")
+
 
 @dataclass(frozen=True)
 class ServerSettings:
@@ -29,6 +31,9 @@ class ServerSettings:
     """HTTP/1.1 parser: httptools (C), h11 (pure Python), or auto (httptools when installed)."""
     loop: str = "auto"
     """Event loop: uvloop, asyncio, or auto (uvloop when installed)."""
+    tls: str = "auto"
+    """Who terminates TLS: rustls (the tensorguard-tlsfront process), openssl (Python's ssl in each worker),
+    or auto (rustls when the front is installed)."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -39,6 +44,8 @@ class ServerSettings:
             raise ValueError(f"http must be one of {', '.join(HTTP_CHOICES)}, not {self.http!r}")
         if self.loop not in LOOP_CHOICES:
             raise ValueError(f"loop must be one of {', '.join(LOOP_CHOICES)}, not {self.loop!r}")
+        if self.tls not in TLS_CHOICES:
+            raise ValueError(f"tls must be one of {', '.join(TLS_CHOICES)}, not {self.tls!r}")
         if not 1024 <= self.max_body_bytes <= 1024 * 1024:
             raise ValueError(f"max body must be 1 KiB..1 MiB, not {self.max_body_bytes} bytes")
 

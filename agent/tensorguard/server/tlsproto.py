@@ -27,16 +27,14 @@ from __future__ import annotations
 
 import asyncio
 import ssl
-from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
 
-from cryptography import x509
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from .asgi import ASGIApp, Receive, Scope, Send
+from .asgi import ASGIApp
+from .asgitls import TLSExtension, WithTLS
+from .tlsfront import Proxied
 
-_TLS_VERSIONS = {"TLSv1.2": 0x0303, "TLSv1.3": 0x0304}
 X509_V_FLAG_NO_CHECK_TIME = 0x200000
 """OpenSSL's X509_VERIFY_PARAM flag (X509_VERIFY_PARAM_set_flags(3)); Python's ssl has no name for it."""
 
@@ -54,55 +52,9 @@ def server_context(cert_chain: Path, key: Path, client_issuer: Path) -> ssl.SSLC
     return context
 
 
-class TLSExtension(Mapping[str, Any]):
-    """The ASGI TLS extension of one connection, as a read-only mapping. ``client_cert_name`` is worked
-    out on first use only: parsing the certificate for a name nobody reads cost ~4 % of the server's CPU
-    per mTLS renewal (profiled), and the EST endpoints read only ``client_cert_chain``."""
-
-    _KEYS = ("server_cert", "client_cert_chain", "client_cert_name", "client_cert_error", "tls_version",
-             "cipher_suite")
-
-    def __init__(self, client_der: bytes | None, server_cert_pem: str | None, version: str | None) -> None:
-        self._der = client_der
-        self._values: dict[str, Any] = {
-            "server_cert": server_cert_pem,
-            "client_cert_chain": [ssl.DER_cert_to_PEM_cert(client_der)] if client_der else [],
-            "client_cert_error": None,  # the handshake refuses chains that do not verify
-            "tls_version": _TLS_VERSIONS.get(version or ""),
-            "cipher_suite": None,  # the ssl module gives the name only, not the IANA number
-        }
-
-    def __getitem__(self, key: str) -> Any:
-        if key == "client_cert_name" and key not in self._values:
-            self._values[key] = (x509.load_der_x509_certificate(self._der).subject.rfc4514_string()
-                                 if self._der else None)
-        if key not in self._KEYS:
-            raise KeyError(key)
-        return self._values[key]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._KEYS)
-
-    def __len__(self) -> int:
-        return len(self._KEYS)
-
-
 def tls_extension(ssl_object: ssl.SSLObject | ssl.SSLSocket, server_cert_pem: str | None) -> TLSExtension:
     """The ASGI TLS extension (asgiref specs/tls.rst) for one established connection."""
     return TLSExtension(ssl_object.getpeercert(binary_form=True), server_cert_pem, ssl_object.version())
-
-
-class WithTLS:
-    """Adds one connection's TLS extension to every HTTP scope on that connection."""
-
-    def __init__(self, app: ASGIApp, tls: Mapping[str, Any]) -> None:
-        self.app = app
-        self.tls = tls
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        extensions = scope.setdefault("extensions", {})
-        extensions["tls"] = self.tls
-        await self.app(scope, receive, send)
 
 
 class PeerCert:
@@ -121,3 +73,7 @@ class PeerCert:
 
 class PeerCertH11Protocol(PeerCert, H11Protocol):
     """uvicorn's h11 HTTP/1.1 protocol plus the ASGI TLS extension (client certificate)."""
+
+
+class ProxiedH11Protocol(Proxied, H11Protocol):
+    """uvicorn's h11 protocol behind the rustls front (`tlsfront.Proxied`)."""

@@ -22,9 +22,19 @@ def test_a_small_fleet_is_enrolled_and_reissued_twice(tmp_path: Path) -> None:
     robots = 48
     figures = bench.end_to_end(ca_dir, robots, messages.append)
     assert figures["robots"] == figures["fleet_reissue_robots"] == figures["one_core_reissue_robots"] == robots
-    # enrolment, the shared-core re-issue and the one-core re-issue each put one row per robot
-    assert figures["issued_rows"] == len(SQLiteStore(CAPaths(ca_dir).database).issued()) == 3 * robots
+    # enrolment, the shared-core re-issue and each one-core re-issue (per TLS terminator) put one row per robot
+    runs = bench._tls_modes()
+    assert figures["issued_rows"] == len(SQLiteStore(CAPaths(ca_dir).database).issued()) == (2 + len(runs)) * robots
     assert figures["e2e_certs_per_s"] > 0 and figures["one_core_certs_per_s"] > 0
     assert 0 < figures["one_core_server_busy_pct"] <= 110  # /proc ticks are 10 ms: a little slack
-    assert any("one server worker alone on core" in message for message in messages)
+    cores = sorted(os.sched_getaffinity(0))
+    assert [m for m in messages if "alone on core" in m] == [
+        f"again with one server worker (TLS on {tls}) alone on core {cores[0]} and the robots on {cores[1:]}"
+        for tls in runs]
     assert f"{bench.IN_FLIGHT} robots at once each" in figures["clients"]
+    if "rustls" in runs:  # built by `make tlsfront`: measured against TLS in the worker
+        assert figures["one_core_tls"] == "rustls" and figures["one_core_openssl_certs_per_s"] > 0
+        assert figures["one_core_rustls_to_openssl_ratio"] > 0
+    assert "10,000-robot fleet on a 2-core CA" in bench.table(
+        {**figures, "cores": 2, "sign_only_certs_per_s": 1, "e2e_target_met": True, "e2e_share_of_sign_only_pct": 1,
+         "fleet_10000_on_ca_cores_s": 1.0, "fleet_target_met": True})

@@ -24,6 +24,7 @@ from tensorguard.server.ca import CAPaths, CertificateAuthority, _ca_cert
 from tensorguard.server.engine import select
 from tensorguard.server.policy import IssuancePolicy
 from tensorguard.server.timeutil import utc_now
+from tensorguard.server.tlsfront import find_binary
 from tests.integration.server.ca_process import SERVER, Server, running_ca
 from tests.unit.server.helpers import b64, key_pem, make_ca, make_csr, p256, spiffe, tamper_signature
 
@@ -31,9 +32,14 @@ TRUST_DOMAIN = "fleet.test"
 PKCS10 = {"Content-Type": "application/pkcs10"}
 
 
-@pytest.fixture(scope="module", params=[(), ("--http", "h11", "--loop", "asyncio")], ids=["auto", "pure-python"])
+@pytest.fixture(scope="module", params=[("--tls", "openssl"), ("--http", "h11", "--loop", "asyncio", "--tls", "openssl"),
+                                        ("--tls", "rustls"), ("--http", "h11", "--loop", "asyncio", "--tls", "rustls")],
+                ids=["openssl", "openssl-pure-python", "rustls", "rustls-pure-python"])
 def server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    """Every test runs against both stacks: httptools/uvloop when installed, and the h11/asyncio fallback."""
+    """Every test runs against both stacks (httptools/uvloop when installed, and the h11/asyncio fallback),
+    each with TLS in the workers (OpenSSL) and in the rustls front."""
+    if "rustls" in request.param and find_binary() is None:
+        pytest.skip("tensorguard-tlsfront is not built (make tlsfront)")
     with running_ca(tmp_path_factory.mktemp("server") / "ca", TRUST_DOMAIN, workers=2,
                     extra=request.param) as handle:
         yield handle
@@ -110,6 +116,10 @@ def test_renew_over_mtls(server: Server, tmp_path: Path) -> None:
     san = second.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert san.get_values_for_type(x509.UniformResourceIdentifier) == [spiffe("robot-2")]
     assert [r.kind for r in server.store.issued("robot-2")] == ["enroll", "reenroll"]
+    # the robot's own address, also when the rustls front is between it and the worker
+    remote = [r.remote for r in server.store.audit_records("est.reenroll.issued") if r.node == "robot-2"]
+    assert len(remote) == 1 and remote[0] is not None and remote[0].startswith("127.0.0.1:")
+    assert int(remote[0].rsplit(":", 1)[1]) != int(server.url.rsplit(":", 1)[1])
 
 
 def test_renew_without_a_client_certificate_is_refused(server: Server) -> None:
@@ -269,7 +279,7 @@ def test_sigterm_stops_all_workers(tmp_path: Path) -> None:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=15) == 0
         assert proc.stderr is not None
-        assert f"2 worker(s), HTTP/1.1 on {select().describe()}" in proc.stderr.read()
+        assert f"2 worker(s), HTTP/1.1 on {select().describe()}, TLS on " in proc.stderr.read()
     finally:
         if proc.poll() is None:
             proc.kill()

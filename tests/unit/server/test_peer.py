@@ -12,10 +12,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509.oid import NameOID
 
 from tensorguard import der
+from tensorguard.server.asgitls import TLSExtension
 from tensorguard.server.ca import CertificateAuthority, init_ca
 from tensorguard.server.peer import PeerError, PeerVerifier
 from tensorguard.server.policy import IssuancePolicy
-from tensorguard.server.tlsproto import TLSExtension
 
 from .helpers import NOW, TRUST_DOMAIN, make_ca, make_csr, p256
 
