@@ -128,6 +128,11 @@ def serving(machine: rootfs.Container) -> rootfs.Container:
     assert f"listening on {SERVER_URL}" in text, f"server never listened:\n{diagnose(box, SERVER)}"
     # The .deb bundles uvicorn's C parser and libuv loop; Debian's own would not be picked.
     assert "HTTP/1.1 on httptools 0.9.0 on uvloop 0.23.0" in text, diagnose(box, SERVER)
+    # The robots' TLS ends in the packaged rustls front, running as the unit's user under its sandbox.
+    assert "TLS on rustls (/usr/lib/tensorguard/tensorguard-tlsfront)" in text, diagnose(box, SERVER)
+    owners = sh(box, "for p in /proc/[0-9]*; do [ \"$(cat $p/comm 2>/dev/null)\" = tensorguard-tls ] && "
+                     "stat -c %U $p; done; true").stdout.split()
+    assert owners == ["tensorguard-server"], diagnose(box, SERVER)
     return box
 
 

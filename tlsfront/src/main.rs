@@ -252,7 +252,22 @@ async fn run(options: Options, config: ServerConfig) -> Result<(), String> {
     }
 }
 
+/// Exit with `serve` (SIGTERM when the process that started us dies, even by SIGKILL), so that an
+/// orphaned front never keeps the port or the CA's key open. False if that process is gone already.
+/// Under a seccomp filter without prctl the request fails; the unit's KillMode= covers that case.
+fn follow_parent() -> bool {
+    let parent = std::os::unix::process::parent_id();
+    // SAFETY: prctl with PR_SET_PDEATHSIG takes a signal number and no pointers.
+    let _ = unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM as libc::c_ulong, 0, 0, 0) };
+    std::os::unix::process::parent_id() == parent && parent != 1
+}
+
 fn main() -> ExitCode {
+    if !follow_parent() {
+        eprintln!("tensorguard-tlsfront: started by no process or by one that has exited already; `tensorguard \
+                   server serve` starts it");
+        return ExitCode::from(1);
+    }
     let options = match parse_options(std::env::args().skip(1)) {
         Ok(options) => options,
         Err(message) if message.is_empty() => {

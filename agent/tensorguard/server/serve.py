@@ -15,6 +15,8 @@ audit rows.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import os
 import shutil
 import signal
@@ -38,6 +40,9 @@ from .settings import ServerSettings
 from .store import SQLiteStore
 from .tlsfront import BINARY, INSTALLED, TLSFrontError, find_binary
 from .tlsproto import server_context
+
+PR_SET_PDEATHSIG = 1
+"""prctl(2) option: the signal this process gets when its parent dies."""
 
 
 def bind(host: str, port: int, count: int = 1) -> list[socket.socket]:
@@ -103,6 +108,16 @@ def run_worker(settings: ServerSettings, sock: socket.socket, context: ssl.SSLCo
         proxy_headers=False, lifespan="off", log_level=settings.log_level, access_log=settings.access_log,
         server_header=False, timeout_keep_alive=30, **tls)
     uvicorn.Server(config).run(sockets=[sock])
+
+
+def follow_parent(parent: int) -> None:
+    """In a worker: SIGTERM when ``parent`` dies, even by SIGKILL, so that no orphan keeps serving (or
+    keeps the CA's key); exits at once if it is gone already. Without prctl (a seccomp filter), the
+    unit's KillMode= still stops every process."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    if os.getppid() != parent:
+        os._exit(1)
 
 
 def select_front(choice: str) -> Path | None:
@@ -174,10 +189,12 @@ def serve(settings: ServerSettings, announce: Callable[[str], None]) -> int:
             socks[0].close()
             socks = listeners
         for index, sock in enumerate(socks):
+            parent = os.getpid()
             pid = os.fork()
             if pid == 0:
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)
                 signal.signal(signal.SIGINT, signal.SIG_DFL)
+                follow_parent(parent)
                 for other in socks[:index] + socks[index + 1:]:
                     other.close()
                 status = 0

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import base64
+import contextlib
+import os
 import signal
 import socket
 import ssl
@@ -20,6 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import pkcs7
 from cryptography.x509.oid import NameOID
 
+from tensorguard.server.bench import _worker_pids
 from tensorguard.server.ca import CAPaths, CertificateAuthority, _ca_cert
 from tensorguard.server.engine import select
 from tensorguard.server.policy import IssuancePolicy
@@ -284,6 +287,44 @@ def test_sigterm_stops_all_workers(tmp_path: Path) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+@pytest.mark.parametrize("tls", ["openssl", "rustls"])
+def test_no_process_outlives_a_killed_server(tmp_path: Path, tls: str) -> None:
+    """SIGKILL gives the parent no chance to stop its workers (or the front): they follow it by themselves."""
+    if tls == "rustls" and find_binary() is None:
+        pytest.skip("tensorguard-tlsfront is not built (make tlsfront)")
+    ca_dir = tmp_path / "ca"
+    subprocess.run([*SERVER, "ca", "init", "--dir", str(ca_dir), "--trust-domain", TRUST_DOMAIN],
+                   capture_output=True, text=True, timeout=60, check=True)
+    proc = subprocess.Popen([*SERVER, "serve", "--dir", str(ca_dir), "--port", "0", "--workers", "2", "--tls", tls],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    children: list[int] = []
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().startswith("listening on")
+        deadline = time.monotonic() + 15
+        while len(children) < (3 if tls == "rustls" else 2) and time.monotonic() < deadline:
+            time.sleep(0.1)
+            children = _worker_pids(proc.pid)
+        assert len(children) == (3 if tls == "rustls" else 2)
+        proc.kill()
+        proc.wait(timeout=15)
+        deadline = time.monotonic() + 15
+        while any(Path(f"/proc/{pid}").exists() and "Z" not in _state(pid) for pid in children):
+            assert time.monotonic() < deadline, f"still running after the server was killed: {children}"
+            time.sleep(0.1)
+    finally:
+        for pid in [proc.pid, *children]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        proc.wait()
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "Z"
 
 
 def test_serve_refuses_a_missing_ca(tmp_path: Path) -> None:
