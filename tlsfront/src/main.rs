@@ -286,7 +286,15 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(options.threads).enable_all().build() {
+    // One thread: the current-thread scheduler, without the work-stealing machinery one thread cannot use.
+    let mut builder = if options.threads == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut multi = tokio::runtime::Builder::new_multi_thread();
+        multi.worker_threads(options.threads);
+        multi
+    };
+    let runtime = match builder.enable_all().build() {
         Ok(runtime) => runtime,
         Err(e) => {
             eprintln!("tensorguard-tlsfront: cannot start: {e}");
