@@ -1,16 +1,19 @@
-"""Run the API as real HTTPS server processes: N uvicorn workers, each on its own listening socket.
+"""Run the API as real server processes: the rustls TLS front and N uvicorn workers behind it, or N
+uvicorn workers terminating TLS themselves (``--tls openssl``).
 
-The parent binds the sockets (so port 0 picks a free port it can announce), checks the CA once, builds
-the TLS context, then forks the workers; each builds its own app and SQLite connection after the
-fork. The workers' sockets share the port through SO_REUSEPORT, so the kernel spreads connections
-evenly: with one shared socket, whichever worker woke first accepted every pending connection (uvloop
-accepts until the queue is empty), and a burst of keep-alive clients could all land on one worker while
-the other idled. Each worker runs the parser and loop `engine.select` picked (httptools on uvloop when
-installed, h11 on asyncio otherwise). Sockets are created with IPPROTO_TCP explicitly: asyncio only
-sets TCP_NODELAY on such sockets, and without it Nagle plus delayed ACKs add ~40 ms to every
-keep-alive request. uvicorn's proxy-header middleware is off: the server terminates TLS itself (mTLS
-cannot pass a proxy), so an X-Forwarded-For header from a local client must not rewrite the address in
-audit rows.
+The parent binds the TCP socket(s) (so port 0 picks a free port it can announce) and checks the CA once.
+With the front (`tlsfront`), it makes a 0700 directory with one Unix socket per worker, starts
+`tensorguard-tlsfront` on the TCP socket (it hands each robot connection to a worker, round robin,
+behind a PROXY v2 header) and forks the workers onto the Unix sockets. Without it, it builds the TLS
+context and forks the workers, each on its own TCP socket: the sockets share the port through
+SO_REUSEPORT, so the kernel spreads connections evenly (with one shared socket, whichever worker woke
+first accepted every pending connection, since uvloop accepts until the queue is empty). Each worker
+builds its own app and SQLite connection after the fork and runs the parser and loop `engine.select`
+picked (httptools on uvloop when installed, h11 on asyncio otherwise); workers and front exit when the
+parent dies. TCP sockets are created with IPPROTO_TCP explicitly: asyncio only sets TCP_NODELAY on such
+sockets, and without it Nagle plus delayed ACKs add ~40 ms to every keep-alive request. uvicorn's
+proxy-header middleware is off: TLS ends in this server (mTLS cannot pass a proxy), so an
+X-Forwarded-For header from a local client must not rewrite the address in audit rows.
 """
 
 from __future__ import annotations
