@@ -262,7 +262,21 @@ fn follow_parent() -> bool {
     std::os::unix::process::parent_id() == parent && parent != 1
 }
 
+/// Raise the soft limit on open files to the hard one (systemd's default soft limit is 1024): every
+/// robot in flight holds two descriptors here, its TCP connection and its worker's Unix socket.
+fn raise_file_limit() {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit/setrlimit read and write the one rlimit struct passed by pointer.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        }
+    }
+}
+
 fn main() -> ExitCode {
+    raise_file_limit();
     if !follow_parent() {
         eprintln!("tensorguard-tlsfront: started by no process or by one that has exited already; `tensorguard \
                    server serve` starts it");
