@@ -1,17 +1,17 @@
 #!/usr/bin/python3
-"""Clean-install harness: a throw-away Debian 12 root booted with systemd-nspawn.
+"""Clean-install harness: a throw-away Debian 12 or 13 root booted with systemd-nspawn.
 
-Used by tests/e2e/test_clean_install.py, and by hand:
+Used by tests/e2e/, and by hand:
 
-    packaging/rootfs.py cache              # build (or reuse) the cached base tarball
-    packaging/rootfs.py shell [DEBS_DIR]   # extract, install the .debs, boot, print how
-                                           # to get in, wait for Enter, tear down
+    packaging/rootfs.py cache [--suite S]             # build (or reuse) the cached base tarball
+    packaging/rootfs.py shell [--suite S] [DEBS_DIR]  # extract, install the .debs, boot, print
+                                                      # how to get in, wait for Enter, tear down
 
 Pieces:
-  * ``ensure_base_tarball()``: ``debootstrap --variant=minbase`` of bookworm with
-    systemd, cached as a tarball under /var/cache/tensorguard-e2e/, keyed by
-    suite + mirror + variant + include list + architecture. Rebuilt only when
-    absent. Nothing else lives in the cache.
+  * ``ensure_base_tarball(suite=...)``: ``debootstrap --variant=minbase`` of bookworm
+    (Debian 12) or trixie (Debian 13) with systemd, cached as a tarball under
+    /var/cache/tensorguard-e2e/, keyed by suite + mirror + variant + include list +
+    architecture. Rebuilt only when absent. Nothing else lives in the cache.
   * ``Rootfs``: the tarball extracted into a fresh temporary directory; runs
     commands in it with chroot (with /proc, /sys, /dev, /dev/pts mounted for the
     duration of the call and unmounted afterwards).
@@ -45,7 +45,9 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 CACHE_DIR = Path(os.environ.get("TG_E2E_CACHE", "/var/cache/tensorguard-e2e"))
-SUITE = "bookworm"
+# The Debian releases the packages are built for and tested on: 12 (Python 3.11) and 13 (3.13).
+SUITES = ("bookworm", "trixie")
+SUITE = SUITES[0]
 MIRROR = os.environ.get("TG_E2E_MIRROR", "http://deb.debian.org/debian")
 VARIANT = "minbase"
 # What the base root has besides minbase: an init that can boot, and a bus.
@@ -290,8 +292,13 @@ class Rootfs:
 class Container:
     """``systemd-nspawn --boot`` of a Rootfs, driven from outside with nsenter."""
 
-    def __init__(self, rootfs: Rootfs, name: str | None = None) -> None:
+    def __init__(self, rootfs: Rootfs, name: str | None = None,
+                 capabilities: Sequence[str] = ()) -> None:
+        """``capabilities``: more than nspawn's default set (e.g. CAP_NET_ADMIN, CAP_BPF for
+        netguard; the container shares the host's network, so netguard is given interfaces in a
+        network namespace made inside the container)."""
         self.rootfs = rootfs
+        self.capabilities = tuple(capabilities)
         self.name = name or f"tg-e2e-{os.getpid()}"
         self.proc: subprocess.Popen[bytes] | None = None
         self.pid1: int | None = None
@@ -309,6 +316,8 @@ class Container:
         cmd = ["systemd-nspawn", "-q", "-D", str(self.rootfs.path), "--boot",
                "--register=no", "--keep-unit", f"--machine={self.name}",
                "--console=read-only"]
+        if self.capabilities:
+            cmd.append("--capability=" + ",".join(self.capabilities))
         log("boot: " + " ".join(cmd))
         with open(self.console_log, "wb") as console:
             self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=console,
@@ -451,8 +460,9 @@ class Container:
 
 
 @contextlib.contextmanager
-def booted(debs: Sequence[Path], packages: Sequence[str]) -> Iterator[Container]:
-    """A fresh bookworm with ``packages`` (from ``debs``, all copied to /root/debs) installed
+def booted(debs: Sequence[Path], packages: Sequence[str], suite: str = SUITE,
+           capabilities: Sequence[str] = ()) -> Iterator[Container]:
+    """A fresh ``suite`` with ``packages`` (from ``debs``, all copied to /root/debs) installed
     by apt-get, booted with systemd-nspawn; always powered off, unmounted and deleted.
 
     A SIGTERM (CI time-out, ``kill``) becomes an interruption so that the teardown still
@@ -468,8 +478,8 @@ def booted(debs: Sequence[Path], packages: Sequence[str]) -> Iterator[Container]
     left: list[str] = []
     root: Rootfs | None = None
     try:
-        root = Rootfs(ensure_base_tarball())
-        box = Container(root)
+        root = Rootfs(ensure_base_tarball(suite=suite))
+        box = Container(root, capabilities=capabilities)
         try:
             root.install_debs(list(debs), packages=packages)
             with step("boot with systemd-nspawn"):
@@ -500,13 +510,15 @@ def booted(debs: Sequence[Path], packages: Sequence[str]) -> Iterator[Container]
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(description="TensorGuard clean-install harness")
     sub = ap.add_subparsers(dest="cmd", required=True)
-    sub.add_parser("cache", help="build (or reuse) the cached base rootfs tarball")
+    cache = sub.add_parser("cache", help="build (or reuse) the cached base rootfs tarball")
     sh = sub.add_parser("shell", help="install the .debs in a fresh root, boot it, wait")
+    for p in (cache, sh):
+        p.add_argument("--suite", choices=SUITES, default=SUITE, help="Debian release (default: %(default)s)")
     sh.add_argument("debs", nargs="?", default=os.environ.get(
         "TG_DEBS_DIR", str(Path(__file__).resolve().parent.parent / "build" / "debs")))
     args = ap.parse_args(argv)
 
-    tarball = ensure_base_tarball()
+    tarball = ensure_base_tarball(suite=args.suite)
     if args.cmd == "cache":
         print(tarball)
         return 0

@@ -1,15 +1,16 @@
-"""Clean install of the built .debs on a fresh Debian 12, booted with systemd.
+"""Clean install of the built .debs on a fresh Debian 12 and a fresh Debian 13, booted with systemd.
 
-What a user does, checked from outside the machine:
+What a user does, checked from outside the machine (every test runs once per release):
 
-    apt-get install ./tensorguard-agent_*.deb ./tensorguard-fl_*.deb
+    apt-get install ./python3-tensorguard_*.deb ./tensorguard-agent_*.deb ./tensorguard-fl_*.deb
     (reboot)  systemctl status tensorguard-agent.target ; tgctl status
     a broken drop-in + systemctl reload: refused, old config kept
+    systemctl reload tensorguard-agent.target: every running unit re-reads its config
     systemctl stop tensorguard-agent.target: no sockets left
     apt-get remove, apt-get purge
 
 The harness is packaging/rootfs.py: a cached `debootstrap --variant=minbase`
-bookworm (with systemd) extracted into a temporary directory, the packages
+bookworm or trixie (with systemd) extracted into a temporary directory, the packages
 installed with apt-get in a chroot (their dependencies come from Debian's
 archive; no pip), then booted with `systemd-nspawn --boot` and driven with
 `nsenter`. Teardown always powers the container off, unmounts and deletes it.
@@ -43,7 +44,10 @@ DEBS_DIR = Path(os.environ.get("TG_DEBS_DIR", REPO / "build" / "debs"))
 AGENT_UNITS = ("tensorguard-netguard.service", "tensorguard-identity.service",
                "tensorguard-fl.service")
 TARGET = "tensorguard-agent.target"
-INSTALLED = ("tensorguard-agent", "tensorguard-fl")
+INSTALLED = ("python3-tensorguard", "tensorguard-agent", "tensorguard-fl")
+# What an installed TensorGuard's python3 imports from, as the launchers set it up.
+BUNDLE_PATH = ("import sys; sys.path.insert(0, \"/usr/lib/tensorguard/python\"); "
+               "from tensorguard.bundle import use_bundled_binaries; use_bundled_binaries(); ")
 APT = "DEBIAN_FRONTEND=noninteractive apt-get -y -q -o Dpkg::Use-Pty=0"
 
 pytestmark = pytest.mark.root
@@ -101,9 +105,15 @@ def debs(progress: None) -> dict[str, Path]:
     return check_prerequisites()
 
 
+@pytest.fixture(scope="module", params=rootfs.SUITES)
+def suite(request: pytest.FixtureRequest) -> str:
+    """The Debian release under test: every e2e module runs on each (Debian 12 and 13)."""
+    return str(request.param)
+
+
 @pytest.fixture(scope="module")
-def machine(debs: dict[str, Path]) -> Iterator[rootfs.Container]:
-    """Fresh bookworm + the .debs installed with apt-get, booted; always torn down."""
+def machine(debs: dict[str, Path], suite: str) -> Iterator[rootfs.Container]:
+    """Fresh ``suite`` + the .debs installed with apt-get, booted; always torn down."""
     t_start = time.monotonic()
     rootfs.reap_stale()
 
@@ -113,7 +123,7 @@ def machine(debs: dict[str, Path]) -> Iterator[rootfs.Container]:
         raise KeyboardInterrupt(f"signal {signum}")
 
     old_handler = signal.signal(signal.SIGTERM, interrupted)
-    tarball = rootfs.ensure_base_tarball()
+    tarball = rootfs.ensure_base_tarball(suite=suite)
     root = rootfs.Rootfs(tarball)
     box = rootfs.Container(root)
     try:
@@ -227,10 +237,17 @@ def test_installed_files(machine: rootfs.Container) -> None:
     # The launchers run the bundle (pydantic 2), with Debian's python3 only.
     r = sh(box, "head -1 /usr/bin/tgctl /usr/bin/tensorguard")
     assert r.stdout.count("#!/usr/bin/python3 -I") == 2, r.stdout
-    r = sh(box, "python3 -I -c 'import sys; sys.path.insert(0, \"/usr/lib/tensorguard/python\");"
-                " import pydantic; print(pydantic.VERSION, pydantic.__file__)'")
+    r = sh(box, f"python3 -I -c '{BUNDLE_PATH} import pydantic, pydantic_core; "
+                "print(pydantic.VERSION, pydantic.__file__, pydantic_core.__file__)'")
     assert r.stdout.startswith("2."), r.stdout
     assert "/usr/lib/tensorguard/python/pydantic/" in r.stdout
+    # pydantic-core from the directory of the release's own Python (3.11 on 12, 3.13 on 13).
+    pyver = sh(box, "python3 -c 'import sys; print(\"%d.%d\" % sys.version_info[:2])'").stdout.strip()
+    assert f"/usr/lib/tensorguard/python{pyver}/pydantic_core/" in r.stdout, r.stdout
+    # Only programs and their licences: no documentation, agent skill files or Cython sources.
+    stray = sh(box, "find /usr/lib/tensorguard \\( -name .agents -o -name '*.md' -o -name '*.rst' "
+                    "-o -name '*.pyx' -o -name '*.pxd' -o -name '*.c' \\) -print").stdout.split()
+    assert not stray, f"files that do not belong in the package: {stray[:20]}"
     # Byte-compiled at install time (py3compile), not shipped.
     sh(box, "ls /usr/lib/tensorguard/python/pydantic/__pycache__/*.pyc >/dev/null")
     # Nothing came from pip: neither pip nor Debian's pydantic 1 was pulled in.
@@ -295,6 +312,33 @@ def test_broken_dropin_reload_is_refused_and_old_config_kept(machine: rootfs.Con
     assert box.exec(["tgctl", "status"], check=False).returncode == 0
 
 
+def test_target_reload_reaches_every_running_unit(machine: rootfs.Container) -> None:
+    """`systemctl reload tensorguard-agent.target` makes each running unit re-read its config."""
+    box = machine
+    units = ("netguard", "identity", "fl")
+    before = {u: generation(box, u) for u in units}
+    dropin = "/etc/tensorguard/agent.d/40-reload.toml"
+    sh(box, f"printf '[agent]\\nlog_level = \"debug\"\\n' > {dropin}")
+    try:
+        r = box.exec(["systemctl", "reload", TARGET], check=False)
+        assert r.returncode == 0, f"systemctl reload {TARGET}: {r.stdout}{r.stderr}"
+        deadline = time.monotonic() + 30
+        after = before
+        while time.monotonic() < deadline:
+            after = {u: generation(box, u) for u in units}
+            if all(after[u] > before[u] for u in units):
+                break
+            time.sleep(0.5)
+        assert all(after[u] > before[u] for u in units), (before, after)
+        code, shown = tgctl_json(box, "--unit", "fl", "config", "show")
+        assert code == 0 and shown["config"]["agent"]["log_level"] == "debug", shown
+    finally:
+        sh(box, f"rm -f {dropin}")
+    assert box.exec(["systemctl", "reload", TARGET], check=False).returncode == 0
+    states = unit_states(box, TARGET, *AGENT_UNITS)
+    assert all(s == "active" for s in states.values()), (states, diagnose(box, *AGENT_UNITS))
+
+
 def test_stop_target_leaves_no_socket(machine: rootfs.Container) -> None:
     box = machine
     sh(box, f"systemctl stop {TARGET}")
@@ -319,9 +363,9 @@ def test_remove_stops_units_and_purge_removes_state(machine: rootfs.Container) -
     print("metrics files before removal:", metrics)
     sh(box, "test -d /var/lib/tensorguard")
 
-    with rootfs.step("apt-get remove tensorguard-fl tensorguard-agent"):
+    with rootfs.step("apt-get remove tensorguard-fl tensorguard-agent python3-tensorguard"):
         r = sh(box, f"{env} apt-get remove -y -qq -o Dpkg::Use-Pty=0 "
-                    "tensorguard-fl tensorguard-agent", timeout=300)
+                    "tensorguard-fl tensorguard-agent python3-tensorguard", timeout=300)
     print(r.stdout)
     states = unit_states(box, TARGET, *AGENT_UNITS)
     assert all(s in ("inactive", "unknown") for s in states.values()), states
@@ -332,9 +376,9 @@ def test_remove_stops_units_and_purge_removes_state(machine: rootfs.Container) -
     # remove keeps configuration (dpkg's conffile handling) ...
     sh(box, "test -f /etc/tensorguard/agent.toml")
 
-    with rootfs.step("apt-get purge tensorguard-fl tensorguard-agent"):
+    with rootfs.step("apt-get purge tensorguard-fl tensorguard-agent python3-tensorguard"):
         r = sh(box, f"{env} apt-get purge -y -qq -o Dpkg::Use-Pty=0 "
-                    "tensorguard-fl tensorguard-agent", timeout=300)
+                    "tensorguard-fl tensorguard-agent python3-tensorguard", timeout=300)
     print(r.stdout)
     # ... purge removes it, the state, runtime files and metrics.
     for path in ("/etc/tensorguard", "/var/lib/tensorguard", "/run/tensorguard"):
@@ -367,7 +411,7 @@ def test_install_on_running_system(machine: rootfs.Container,
     box = machine
     deb = {name: f"/root/debs/{path.name}" for name, path in debs.items()}
     with rootfs.step("apt-get install tensorguard-agent (systemd running)"):
-        sh(box, f"{APT} install {deb['tensorguard-agent']}", timeout=300)
+        sh(box, f"{APT} install {deb['python3-tensorguard']} {deb['tensorguard-agent']}", timeout=300)
     core = (TARGET, "tensorguard-netguard.service", "tensorguard-identity.service")
     states = wait_for(box, core, "active", timeout=60)
     assert all(s == "active" for s in states.values()), (states, diagnose(box, *core[1:]))
