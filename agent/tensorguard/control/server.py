@@ -150,6 +150,13 @@ class ControlServer:
     async def _conversation(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, access: Access, peer: Any
     ) -> None:
+        """Answer each line; only a well-formed request restarts the client's timeout.
+
+        Blank lines, unparsable or oversize frames, empty batches and bytes that never end a line
+        buy no time, so a client that sends nothing useful loses its slot after
+        ``client_timeout_s`` however it trickles; the timeout restarts once the request's answer is
+        sent, so a slow method does not count against the caller.
+        """
         loop = asyncio.get_running_loop()
         buf = bytearray()
         discarding = False
@@ -167,18 +174,20 @@ class ControlServer:
                 if buf and not discarding:
                     await self._answer_line(bytes(buf), writer, access, peer)
                 return
+            scan_from = len(buf)  # the buffered part has no newline: look in the new bytes only
             buf += chunk
-            while (newline := buf.find(b"\n")) >= 0:
+            while (newline := buf.find(b"\n", scan_from)) >= 0:
+                scan_from = 0
                 line = bytes(buf[:newline])
                 del buf[: newline + 1]
                 if discarding:
                     discarding = False
                     continue
-                deadline = loop.time() + self.limits.client_timeout_s
                 if len(line) > cap:
                     await self._too_large(writer, cap)
                     continue
-                await self._answer_line(line, writer, access, peer)
+                if await self._answer_line(line, writer, access, peer):
+                    deadline = loop.time() + self.limits.client_timeout_s
             if len(buf) > cap:
                 if not discarding:
                     await self._too_large(writer, cap)
@@ -192,35 +201,40 @@ class ControlServer:
 
     async def _answer_line(
         self, line: bytes, writer: asyncio.StreamWriter, access: Access, peer: Any
-    ) -> None:
+    ) -> bool:
+        """Answer one frame; True when it held at least one well-formed request."""
         if not line.strip():
-            return
+            return False
         try:
             obj = decode_frame(line)
         except RpcError as exc:
             self.stats.errors[exc.code] += 1
             await self._send(writer, error_message(None, exc))
-            return
-        if isinstance(obj, list):
-            if not obj:
-                answer: Any = error_message(None, RpcError(INVALID_REQUEST, "invalid request: empty batch"))
-            elif len(obj) > MAX_BATCH:
-                answer = error_message(None, RpcError(
-                    INVALID_REQUEST, f"invalid request: batch of {len(obj)} exceeds {MAX_BATCH}"))
-            else:
-                answers = [await self._answer(item, access, peer) for item in obj]
-                answer = [a for a in answers if a is not None] or None
-        else:
-            answer = await self._answer(obj, access, peer)
-        if answer is not None:
-            await self._send(writer, answer)
+            return False
+        if not isinstance(obj, list):
+            answer, well_formed = await self._answer(obj, access, peer)
+            if answer is not None:
+                await self._send(writer, answer)
+            return well_formed
+        if not obj or len(obj) > MAX_BATCH:
+            reason = f"batch of {len(obj)} exceeds {MAX_BATCH}" if obj else "empty batch"
+            self.stats.errors[INVALID_REQUEST] += 1
+            await self._send(writer, error_message(None, RpcError(
+                INVALID_REQUEST, f"invalid request: {reason}")))
+            return False
+        answers = [await self._answer(item, access, peer) for item in obj]
+        replies = [answer for answer, _ in answers if answer is not None]
+        if replies:
+            await self._send(writer, replies)
+        return any(well_formed for _, well_formed in answers)
 
-    async def _answer(self, obj: Any, access: Access, peer: Any) -> dict[str, Any] | None:
+    async def _answer(self, obj: Any, access: Access, peer: Any) -> tuple[dict[str, Any] | None, bool]:
+        """The answer to one request object (None for a notification), and whether it was well-formed."""
         try:
             request = parse_request(obj)
         except RpcError as exc:
             self.stats.errors[exc.code] += 1
-            return error_message(request_id_of(obj), exc)
+            return error_message(request_id_of(obj), exc), False
         try:
             method = lookup(self.methods, request.method)
             self.stats.requests[method.name] += 1
@@ -238,7 +252,7 @@ class ControlServer:
             self.stats.errors[INTERNAL_ERROR] += 1
             answer = error_message(request.id, RpcError(
                 INTERNAL_ERROR, "internal error; the unit's journal has the details"))
-        return None if request.is_notification else answer
+        return (None if request.is_notification else answer), True
 
     async def _send(self, writer: asyncio.StreamWriter, message: Any) -> None:
         writer.write(encode(message))
