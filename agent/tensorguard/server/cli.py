@@ -45,8 +45,8 @@ def _duration(text: str) -> timedelta:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser (exposed so the lead can mount it under `tensorguard server`)."""
+def build_parser(host_details: bool = True) -> argparse.ArgumentParser:
+    """The argument parser; without host_details, for completion scripts built on another host."""
     parser = argparse.ArgumentParser(prog="tensorguard server", description=DESCRIPTION, epilog=EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -78,10 +78,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     auto = preview()
     here = auto.describe()
+
+    def on_host(what: str) -> str:  # what this host would pick: in --help, not in completion scripts
+        return f"; here: {what}" if host_details else ""
+
     srv = sub.add_parser("serve", help="run the HTTPS API", description="Run the HTTPS API (EST, /healthz, "
                          "/docs) until SIGTERM. Prints the URL on stdout once listening. HTTP/1.1 runs on "
-                         f"httptools (C parser) and uvloop when they are installed, else on h11 and asyncio; "
-                         f"here that is {here} (also printed on stderr at start).")
+                         f"httptools (C parser) and uvloop when they are installed, else on h11 and asyncio"
+                         f"{on_host(here)} (also printed on stderr at start).")
     srv.add_argument("--dir", type=Path, required=True, help="CA directory")
     srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     srv.add_argument("--port", type=int, default=8443, help="port (default: 8443; 0 picks a free one)")
@@ -99,14 +103,14 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--sqlite-synchronous", default="NORMAL", choices=["NORMAL", "FULL"],
                      help="SQLite durability: NORMAL (WAL, no fsync per commit) or FULL (default: NORMAL)")
     srv.add_argument("--http", default="auto", choices=HTTP_CHOICES,
-                     help=f"HTTP/1.1 parser (default: auto, i.e. httptools if installed; here: {auto.http})")
+                     help=f"HTTP/1.1 parser (default: auto, i.e. httptools if installed{on_host(auto.http)})")
     srv.add_argument("--loop", default="auto", choices=LOOP_CHOICES,
-                     help=f"event loop (default: auto, i.e. uvloop if installed; here: {auto.loop})")
+                     help=f"event loop (default: auto, i.e. uvloop if installed{on_host(auto.loop)})")
     front = find_binary()
     srv.add_argument("--tls", default="auto", choices=TLS_CHOICES,
                      help="who terminates TLS: rustls (the tensorguard-tlsfront process, ~5x less CPU "
                      "per mutual-TLS handshake), openssl (Python's ssl in each worker), or auto, i.e. rustls "
-                     f"when installed (default: auto; here: {'rustls' if front else 'openssl'})")
+                     f"when installed (default: auto{on_host('rustls' if front else 'openssl')})")
     srv.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     srv.add_argument("--access-log", action="store_true", help="log every request")
 
