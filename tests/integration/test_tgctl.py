@@ -85,7 +85,7 @@ def test_example_and_completion(agent_dir: AgentDir) -> None:
     script = tgctl(agent_dir, "completion", "bash").stdout
     assert subprocess.run(["bash", "-n"], input=script, text=True, check=False).returncode == 0
     words = subprocess.run(
-        ["bash", "-c", script + '\nCOMP_WORDS=(tgctl --unit fl config ""); COMP_CWORD=4; _tgctl; '
+        ["bash", "-c", script + '\nCOMP_WORDS=(tgctl --unit fl config ""); COMP_CWORD=4; _shtab_tgctl; '
          'echo "${COMPREPLY[@]}"'], capture_output=True, text=True, check=True).stdout.split()
     assert {"validate", "show", "reload", "example"} <= set(words)
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from .. import UNITS, __version__
 from ..config import DEFAULT_CONFIG
+from .completion import DIRECTORY, FILE, complete_as
 
 DESCRIPTION = """\
 Run TensorGuard units in the foreground. systemd runs `tensorguard netguard`,
@@ -26,7 +27,12 @@ exit status:
   78  the configuration is invalid (each error is logged with file and key)"""
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(server_tree: bool = False) -> argparse.ArgumentParser:
+    """The parser; with ``server_tree`` its `server` command carries server.cli's whole tree.
+
+    ``main`` hands `tensorguard server ...` to server.cli before parsing, so running needs only a
+    stub there; the completion scripts need the tree.
+    """
     parser = argparse.ArgumentParser(
         prog="tensorguard", description=DESCRIPTION, epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -36,12 +42,21 @@ def build_parser() -> argparse.ArgumentParser:
         helptext = ("run netguard, identity and fl in one process" if unit == "agent"
                     else f"run the {unit} unit")
         cmd = sub.add_parser(unit, help=helptext, description=helptext)
-        cmd.add_argument("--config", type=Path, default=DEFAULT_CONFIG, metavar="PATH",
-                         help=f"main config file (default: {DEFAULT_CONFIG})")
-        cmd.add_argument("--drop-in-dir", type=Path, default=None, metavar="DIR",
-                         help="drop-in directory (default: agent.d beside the config)")
-    sub.add_parser("server", help="the control plane: CA, bootstrap tokens, HTTPS API "
-                   "(`tensorguard server --help`)", add_help=False)
+        complete_as(cmd.add_argument("--config", type=Path, default=DEFAULT_CONFIG, metavar="PATH",
+                                     help=f"main config file (default: {DEFAULT_CONFIG})"), FILE)
+        complete_as(cmd.add_argument("--drop-in-dir", type=Path, default=None, metavar="DIR",
+                                     help="drop-in directory (default: agent.d beside the config)"),
+                    DIRECTORY)
+    server_help = "the control plane: CA, bootstrap tokens, HTTPS API (`tensorguard server --help`)"
+    if server_tree:
+        from ..server.cli import build_parser as server_parser  # noqa: PLC0415
+
+        tree = server_parser(host_details=False)
+        sub.add_parser("server", help=server_help, description=tree.description, epilog=tree.epilog,
+                       formatter_class=argparse.RawDescriptionHelpFormatter, parents=[tree],
+                       add_help=False)  # the tree's own -h comes with it
+    else:
+        sub.add_parser("server", help=server_help, add_help=False)
     bench = sub.add_parser(
         "bench", help="measure the project against its baseline in one run",
         formatter_class=argparse.RawDescriptionHelpFormatter,
