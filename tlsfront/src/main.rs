@@ -7,7 +7,9 @@
 //! by `tensorguard server serve`, which binds the TCP socket (passed as --listen-fd) and the workers'
 //! Unix sockets; it never parses HTTP.
 
+mod client_auth;
 mod proxy_header;
+mod relay;
 mod validity;
 
 use std::fs::File;
@@ -18,23 +20,27 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
-use rustls::server::{AllowAnyAnonymousOrAuthenticatedClient, ClientCertVerified, ClientCertVerifier};
-use rustls::{Certificate, DistinguishedNames, PrivateKey, RootCertStore, ServerConfig};
-use tokio::io::AsyncWriteExt;
+use rustls::{Certificate, PrivateKey, ServerConfig};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UnixStream};
+use tokio::time::timeout;
 use tokio_rustls::TlsAcceptor;
+
+use crate::client_auth::FleetIssuer;
 
 const USAGE: &str = "\
 usage: tensorguard-tlsfront --listen-fd FD --upstream PATH [--upstream PATH ...] --cert PEM --key PEM
-                            --client-ca PEM [--threads N] [--handshake-timeout SECONDS]
+                            --client-ca PEM [--threads N] [--handshake-timeout SECS] [--idle-timeout SECS]
 
 Terminates TLS 1.2/1.3 for the TensorGuard control plane on rustls and forwards each connection to the
 API's Unix sockets (round robin), prefixed with a PROXY protocol v2 header: the client's address, the
 TLS version, and in TLV 0xE0 the DER of the client certificate if one was presented. A client
-certificate is optional; when presented it must chain to --client-ca (the only trust anchor) and allow
-clientAuth. Its dates are not checked here: the API answers an expired certificate itself.
+certificate is optional; when presented it must be signed by --client-ca (the only trust anchor; other
+certificates the client sends are ignored) and allow clientAuth. Its dates are not checked here: the
+API answers an expired certificate itself. A worker's connection is opened when the client's first
+bytes arrive, so a client that stays idle costs the workers nothing.
 
   --listen-fd FD            an inherited, listening TCP socket
   --upstream PATH           a worker's Unix socket (repeat for each worker)
@@ -43,6 +49,8 @@ clientAuth. Its dates are not checked here: the API answers an expired certifica
   --client-ca PEM           the issuer of client certificates
   --threads N               worker threads (default 1)
   --handshake-timeout SECS  drop a client that has not finished its handshake by then (default 10)
+  --idle-timeout SECS       close a connection on which no byte has moved for that long, before its
+                            first request or between requests, on either leg (default 30)
 
 Started by `tensorguard server serve`; exits 0 on SIGTERM/SIGINT, 2 on a bad command line, 1 if its
 files cannot be used.";
@@ -54,13 +62,26 @@ struct Options {
     key: PathBuf,
     client_ca: PathBuf,
     threads: usize,
-    handshake_timeout: Duration,
+    timeouts: Timeouts,
+}
+
+/// How long a connection may take to finish its handshake, and stay silent afterwards.
+#[derive(Clone, Copy)]
+struct Timeouts {
+    handshake: Duration,
+    idle: Duration,
+}
+
+fn seconds(flag: &str, value: &str) -> Result<Duration, String> {
+    value.parse::<u64>().ok().filter(|s| (1..=300).contains(s)).map(Duration::from_secs)
+        .ok_or_else(|| format!("{flag} must be 1..300 seconds, not {value:?}"))
 }
 
 fn parse_options(mut args: impl Iterator<Item = String>) -> Result<Options, String> {
     let (mut listen_fd, mut cert, mut key, mut client_ca) = (None, None, None, None);
     let mut upstreams = Vec::new();
-    let (mut threads, mut handshake_timeout) = (1usize, Duration::from_secs(10));
+    let mut threads = 1usize;
+    let mut timeouts = Timeouts { handshake: Duration::from_secs(10), idle: Duration::from_secs(30) };
     while let Some(flag) = args.next() {
         if flag == "--help" || flag == "-h" {
             return Err(String::new());
@@ -75,9 +96,8 @@ fn parse_options(mut args: impl Iterator<Item = String>) -> Result<Options, Stri
             "--client-ca" => client_ca = Some(PathBuf::from(value)),
             "--threads" => threads = value.parse::<usize>().ok().filter(|n| (1..=64).contains(n))
                 .ok_or_else(|| format!("--threads must be 1..64, not {value:?}"))?,
-            "--handshake-timeout" => handshake_timeout = value.parse::<u64>().ok().filter(|s| (1..=300).contains(s))
-                .map(Duration::from_secs)
-                .ok_or_else(|| format!("--handshake-timeout must be 1..300 seconds, not {value:?}"))?,
+            "--handshake-timeout" => timeouts.handshake = seconds(&flag, &value)?,
+            "--idle-timeout" => timeouts.idle = seconds(&flag, &value)?,
             _ => return Err(format!("unknown option {flag}")),
         }
     }
@@ -92,7 +112,7 @@ fn parse_options(mut args: impl Iterator<Item = String>) -> Result<Options, Stri
         key: key.ok_or_else(|| missing("--key"))?,
         client_ca: client_ca.ok_or_else(|| missing("--client-ca"))?,
         threads,
-        handshake_timeout,
+        timeouts,
     })
 }
 
@@ -121,41 +141,12 @@ fn private_key(path: &PathBuf) -> Result<PrivateKey, String> {
         .ok_or_else(|| format!("{}: no private key block", path.display()))
 }
 
-/// Checks a client's chain and purpose as `AllowAnyAnonymousOrAuthenticatedClient` does, at the moment the
-/// certificate became valid instead of now: the API checks the dates with its own clock and answers.
-struct ChainAndPurpose {
-    inner: Arc<dyn ClientCertVerifier>,
-}
-
-impl ClientCertVerifier for ChainAndPurpose {
-    fn offer_client_auth(&self) -> bool {
-        true
-    }
-
-    fn client_auth_mandatory(&self) -> Option<bool> {
-        Some(false) // enrolment authenticates with a bootstrap token instead
-    }
-
-    fn client_auth_root_subjects(&self) -> Option<DistinguishedNames> {
-        self.inner.client_auth_root_subjects()
-    }
-
-    fn verify_client_cert(&self, end_entity: &Certificate, intermediates: &[Certificate], _now: SystemTime)
-                          -> Result<ClientCertVerified, rustls::Error> {
-        let start = validity::not_before(&end_entity.0).ok_or(rustls::Error::InvalidCertificateEncoding)?;
-        self.inner.verify_client_cert(end_entity, intermediates, start)
-    }
-}
-
 fn server_config(options: &Options) -> Result<ServerConfig, String> {
-    let mut roots = RootCertStore::empty();
-    for cert in certificates(&options.client_ca)? {
-        roots.add(&cert).map_err(|e| format!("{}: not a usable CA certificate: {e}", options.client_ca.display()))?;
-    }
-    let verifier = Arc::new(ChainAndPurpose { inner: AllowAnyAnonymousOrAuthenticatedClient::new(roots) });
+    let verifier = FleetIssuer::new(&certificates(&options.client_ca)?)
+        .map_err(|e| format!("{}: {e}", options.client_ca.display()))?;
     let mut config = ServerConfig::builder()
         .with_safe_defaults()
-        .with_client_cert_verifier(verifier)
+        .with_client_cert_verifier(Arc::new(verifier))
         .with_single_cert(certificates(&options.cert)?, private_key(&options.key)?)
         .map_err(|e| format!("{} / {}: {e}", options.cert.display(), options.key.display()))?;
     // A resumed session would carry the certificate of the handshake that made it, which a robot has
@@ -169,22 +160,29 @@ fn server_config(options: &Options) -> Result<ServerConfig, String> {
 #[derive(Default)]
 struct Failures {
     handshake: AtomicU64,
+    idle: AtomicU64,
     upstream: AtomicU64,
 }
 
-async fn serve_one(stream: TcpStream, acceptor: TlsAcceptor, upstream: PathBuf, timeout: Duration,
+impl Failures {
+    fn count(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Bytes read past the PROXY header for the client's first request (more follows through the relay).
+const FIRST_READ: usize = 4096;
+
+async fn serve_one(stream: TcpStream, acceptor: TlsAcceptor, upstream: PathBuf, timeouts: Timeouts,
                    failures: Arc<Failures>) {
     let (peer, local) = match (stream.peer_addr(), stream.local_addr()) {
         (Ok(peer), Ok(local)) => (peer, local),
         _ => return,
     };
     let _ = stream.set_nodelay(true);
-    let mut tls = match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
+    let mut tls = match timeout(timeouts.handshake, acceptor.accept(stream)).await {
         Ok(Ok(tls)) => tls,
-        _ => {
-            failures.handshake.fetch_add(1, Ordering::Relaxed);
-            return;
-        }
+        _ => return Failures::count(&failures.handshake),
     };
     let (_, connection) = tls.get_ref();
     let version = match connection.protocol_version() {
@@ -193,19 +191,24 @@ async fn serve_one(stream: TcpStream, acceptor: TlsAcceptor, upstream: PathBuf, 
         _ => "",
     };
     let client_cert = connection.peer_certificates().and_then(|certs| certs.first()).map(|c| c.0.clone());
-    let header = proxy_header::encode(peer, local, version, client_cert.as_deref());
-    let mut api = match UnixStream::connect(&upstream).await {
-        Ok(api) => api,
-        Err(_) => {
-            failures.upstream.fetch_add(1, Ordering::Relaxed);
-            return;
-        }
-    };
-    if api.write_all(&header).await.is_err() {
-        failures.upstream.fetch_add(1, Ordering::Relaxed);
-        return;
+    let mut opening = proxy_header::encode(peer, local, version, client_cert.as_deref());
+    opening.reserve(FIRST_READ);
+    match timeout(timeouts.idle, tls.read_buf(&mut opening)).await {
+        Ok(Ok(read)) if read > 0 => {}
+        Ok(_) => return, // closed before its first request
+        Err(_) => return Failures::count(&failures.idle),
     }
-    let _ = tokio::io::copy_bidirectional(&mut tls, &mut api).await;
+    let mut api = match timeout(timeouts.handshake, UnixStream::connect(&upstream)).await {
+        Ok(Ok(api)) => api,
+        _ => return Failures::count(&failures.upstream),
+    };
+    if !matches!(timeout(timeouts.idle, api.write_all(&opening)).await, Ok(Ok(()))) {
+        return Failures::count(&failures.upstream);
+    }
+    drop(opening);
+    if relay::until_idle(&mut tls, &mut api, timeouts.idle).await == relay::Ended::Idle {
+        Failures::count(&failures.idle);
+    }
 }
 
 async fn run(options: Options, config: ServerConfig) -> Result<(), String> {
@@ -218,13 +221,14 @@ async fn run(options: Options, config: ServerConfig) -> Result<(), String> {
     let next = AtomicUsize::new(0);
     let report = Arc::clone(&failures);
     tokio::spawn(async move {
-        let mut last = (0, 0);
+        let mut last = (0, 0, 0);
         loop {
             tokio::time::sleep(Duration::from_secs(60)).await;
-            let now = (report.handshake.load(Ordering::Relaxed), report.upstream.load(Ordering::Relaxed));
+            let now = (report.handshake.load(Ordering::Relaxed), report.idle.load(Ordering::Relaxed),
+                       report.upstream.load(Ordering::Relaxed));
             if now != last {
-                eprintln!("tensorguard-tlsfront: {} failed or timed-out handshakes, {} connections the API did not \
-                           take (since start)", now.0, now.1);
+                eprintln!("tensorguard-tlsfront: {} failed or timed-out handshakes, {} connections closed idle, {} \
+                           connections the API did not take (since start)", now.0, now.1, now.2);
                 last = now;
             }
         }
@@ -244,7 +248,7 @@ async fn run(options: Options, config: ServerConfig) -> Result<(), String> {
                 };
                 let index = next.fetch_add(1, Ordering::Relaxed) % options.upstreams.len();
                 tokio::spawn(serve_one(stream, acceptor.clone(), options.upstreams[index].clone(),
-                                       options.handshake_timeout, Arc::clone(&failures)));
+                                       options.timeouts, Arc::clone(&failures)));
             }
             _ = terminate.recv() => return Ok(()),
             _ = tokio::signal::ctrl_c() => return Ok(()),
