@@ -4,7 +4,7 @@ Two layers, so the scheduling is tested without root:
 
 * `PaceScheduler` (pure): held packets, a heap of timed actions, the machine's timer, a safety
   net for packets a machine never releases, and the counters. It is given ``now`` by its driver.
-* `NfqueuePacer` (I/O): binds an NFQUEUE queue (``netfilterqueue``), feeds arriving packets to
+* `NfqueuePacer` (I/O): binds an NFQUEUE queue (`kernel.nfqueue`), feeds arriving packets to
   the scheduler, sleeps in ``select`` on the queue socket until the next due action, and executes
   actions: `Release` → verdict ACCEPT with the shaper mark set (so the rules do not queue the
   packet again and the eBPF leak guard sees it was shaped); `Dummy` → a UDP datagram to a discard
@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
-import errno
 import heapq
 import itertools
 import logging
@@ -33,12 +32,11 @@ import select
 import socket
 import threading
 import time
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-from .kernel.nfqueue_config import set_fail_open
+from .kernel.nfqueue import NETLINK_NETFILTER, NfQueue, QueuedPacket
 from .shaping.base import Action, Direction, Dummy, Machine, Release
 
 log = logging.getLogger(__name__)
@@ -49,7 +47,8 @@ IPV4_UDP_OVERHEAD = 20 + 8
 IPV6_UDP_OVERHEAD = 40 + 8
 MAX_UDP_PAYLOAD = 65507
 HEADER_COPY = 64
-"""Bytes of each packet copied to userspace: enough for the IP header's length field."""
+"""Bytes of each packet copied to userspace (its length comes in NFQA_CAP_LEN); not 0, which
+means the whole packet."""
 TIMER_ROUNDS = 1000
 """Upper bound on ``on_timer`` calls per `PaceScheduler.due` (a machine asking for "now" forever)."""
 
@@ -236,15 +235,6 @@ class PaceScheduler:
         return ids
 
 
-def ip_packet_size(header: bytes, fallback: int) -> int:
-    """Total IP packet length from the first bytes of an IPv4 or IPv6 header."""
-    if len(header) >= 4 and header[0] >> 4 == 4:
-        return int.from_bytes(header[2:4], "big")
-    if len(header) >= 6 and header[0] >> 4 == 6:
-        return 40 + int.from_bytes(header[4:6], "big")
-    return fallback
-
-
 def udp_payload_size(size: int, family: int) -> int:
     """UDP payload bytes so that the IP packet is ``size`` bytes (clamped to what fits)."""
     overhead = IPV4_UDP_OVERHEAD if family == socket.AF_INET else IPV6_UDP_OVERHEAD
@@ -294,23 +284,6 @@ def socket_in_netns(netns: str | None, family: int, kind: int, proto: int = 0) -
     return result[0]
 
 
-class _Batch:
-    """Duck-typed socket for ``NetfilterQueue.run_socket``: stops after ``left`` messages or once
-    ``until`` has come (so reading a burst never delays a due release by more than one packet)."""
-
-    def __init__(self, sock: socket.socket, clock: Clock) -> None:
-        self.sock = sock
-        self.clock = clock
-        self.left = 0
-        self.until = math.inf
-
-    def recv(self, bufsize: int) -> bytes:
-        if self.left <= 0 or self.clock() >= self.until:
-            raise BlockingIOError(errno.EAGAIN, "batch done")
-        self.left -= 1
-        return self.sock.recv(bufsize)
-
-
 class NfqueuePacer:
     """Binds one NFQUEUE queue and paces its packets with ``machine`` in a dedicated thread."""
 
@@ -337,9 +310,9 @@ class NfqueuePacer:
         self.spin = spin
         self.realtime_priority = realtime_priority
         self.scheduler = PaceScheduler(machine, max_hold=max_hold, fail_closed=fail_closed)
-        self._packets: dict[int, Any] = {}
-        self._nfq: Any = None
-        self._sock: socket.socket | None = None
+        self._marks: dict[int, int] = {}
+        """Held packets' marks as they arrived, by packet id."""
+        self._queue: NfQueue | None = None
         self._dummy: socket.socket | None = None
         self._dummy_family = socket.AF_INET
         self._dummy_addr: Any = None
@@ -356,39 +329,21 @@ class NfqueuePacer:
 
     def start(self) -> None:
         """Bind the queue (errors raise here, in the caller) and start the pacing thread."""
-        # Imported here: the pure scheduler (and the simulator) must work without the C binding.
-        from netfilterqueue import (  # noqa: PLC0415  # type: ignore[import-not-found,unused-ignore]
-            COPY_PACKET,
-            NetfilterQueue,
-        )
-
         if self._thread is not None:
             raise RuntimeError("pacer already started")
         try:
-            if self.netns is None:
-                nfq = NetfilterQueue()
-            else:
-                nl = socket_in_netns(self.netns, socket.AF_NETLINK, socket.SOCK_RAW, 12)
-                try:
-                    nfq = NetfilterQueue(sockfd=nl.fileno())
-                finally:
-                    nl.close()  # nfq holds its own descriptor (dup2) on the same socket
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                nfq.bind(self.queue_num, self._on_packet, max_len=self.queue_maxlen,
-                         mode=COPY_PACKET, range=HEADER_COPY, sock_len=2 * 1024 * 1024)
-            for w in caught:
-                log.warning("netfilterqueue: %s", w.message)
-            self._nfq = nfq
-            self._sock = socket.socket(fileno=os.dup(nfq.get_fd()))
+            sock = socket_in_netns(self.netns, socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC,
+                                   NETLINK_NETFILTER)
+            self._queue = NfQueue.bind(self.queue_num, copy_range=HEADER_COPY, max_len=self.queue_maxlen,
+                                       receive_buffer=2 * 1024 * 1024, sock=sock)
             if not self.fail_closed:  # a full queue (pacer behind) lets packets pass, unshaped
                 try:
-                    set_fail_open(self._sock.fileno(), self.queue_num)
+                    self._queue.set_fail_open()
                     self.fail_open_when_full = True
                 except OSError as exc:
                     log.warning("NFQUEUE %d: %s; when the queue is full the kernel drops packets",
                                 self.queue_num, exc)
-            self._sock.setblocking(False)
+            self._queue.setblocking(False)
             if self.discard is not None:
                 host, port = self.discard
                 info = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)[0]
@@ -441,34 +396,50 @@ class NfqueuePacer:
 
     # -- the pacing thread -----------------------------------------------------------------
 
-    def _on_packet(self, pkt: Any) -> None:
+    def _on_packet(self, packet: QueuedPacket) -> None:
         now = self.clock()
-        payload_len = pkt.get_payload_len()
-        size = ip_packet_size(pkt.get_payload(), payload_len) if payload_len else 0
-        self._packets[pkt.id] = pkt
-        self.scheduler.on_packet(now, pkt.id, size, Direction.OUT)
+        self._marks[packet.packet_id] = packet.mark
+        self.scheduler.on_packet(now, packet.packet_id, packet.length, Direction.OUT)
 
-    def _verdict(self, packet_id: int, accept: bool) -> None:
-        pkt = self._packets.pop(packet_id, None)
-        if pkt is None:
+    def _verdict(self, packet_id: int, accept: bool) -> tuple[int, bool, int] | None:
+        mark = self._marks.pop(packet_id, None)
+        if mark is None:
+            return None
+        return packet_id, accept, (mark & ~self.mask) | self.mark if accept else mark
+
+    def _give(self, verdicts: list[tuple[int, bool, int]]) -> None:
+        if not verdicts or self._queue is None:
             return
         try:
-            if accept:
-                pkt.set_mark((pkt.mark & ~self.mask) | self.mark)
-                pkt.accept()
-            else:
-                pkt.drop()
-        except (OSError, RuntimeError) as exc:  # queue gone: the kernel has dropped it
-            log.warning("verdict for packet %d failed: %s", packet_id, exc)
+            self._queue.verdicts(verdicts)
+        except OSError as exc:  # queue gone: the kernel has dropped them
+            log.warning("verdicts for %d packets failed: %s", len(verdicts), exc)
 
     def _execute(self, actions: list[Due]) -> None:
+        verdicts = []
         for action in actions:
-            if isinstance(action, Release):
-                self._verdict(action.packet_id, True)
-            elif isinstance(action, Drop):
-                self._verdict(action.packet_id, False)
+            if isinstance(action, Release | Drop):
+                verdict = self._verdict(action.packet_id, isinstance(action, Release))
+                if verdict is not None:
+                    verdicts.append(verdict)
             else:
+                self._give(verdicts)  # in order: a dummy scheduled after a release follows it
+                verdicts = []
                 self._send_dummy(action)
+        self._give(verdicts)
+
+    def _read(self, count: int, until: float) -> None:
+        """Take up to ``count`` datagrams from the queue, stopping early once ``until`` has come
+        (so reading a burst never delays a due release by more than one packet)."""
+        assert self._queue is not None
+        for _ in range(count):
+            packets = self._queue.receive()
+            if packets is None:
+                return
+            for packet in packets:
+                self._on_packet(packet)
+            if self.clock() >= until:
+                return
 
     def _send_dummy(self, action: Dummy) -> None:
         if self._dummy is None:
@@ -489,9 +460,9 @@ class NfqueuePacer:
             except OSError as exc:
                 log.warning("pacer: SCHED_FIFO %d refused (%s); timing will be less precise",
                             self.realtime_priority, exc)
-        assert self._sock is not None and self._nfq is not None
-        batch = _Batch(self._sock, self.clock)
-        fds = [self._sock.fileno(), self._wake_r]
+        assert self._queue is not None
+        queue_fd = self._queue.fileno()
+        fds = [queue_fd, self._wake_r]
         sched = self.scheduler
         clock = self.clock
         try:
@@ -514,36 +485,31 @@ class NfqueuePacer:
                             pass
                         continue
                 ready, _, _ = select.select(fds, [], [], timeout)
-                if self._sock.fileno() in ready:
-                    batch.left = self.batch
-                    batch.until = math.inf if deadline is None else deadline - self.spin
-                    self._nfq.run_socket(batch)
+                if queue_fd in ready:
+                    self._read(self.batch, math.inf if deadline is None else deadline - self.spin)
         except BaseException as exc:
             self.error = exc
             log.exception("pacer for queue %d failed", self.queue_num)
         finally:
-            self._shutdown(batch)
+            self._shutdown()
 
-    def _shutdown(self, batch: _Batch) -> None:
-        try:
-            batch.left, batch.until = 1_000_000, math.inf
-            self._nfq.run_socket(batch)  # take what is already queued, to give it a verdict
-        except OSError:
-            pass
+    def _shutdown(self) -> None:
+        with contextlib.suppress(OSError):
+            self._read(1_000_000, math.inf)  # take what is already queued, to give it a verdict
         release = not self.fail_closed
-        for packet_id in self.scheduler.drain(self.clock(), release):
-            self._verdict(packet_id, release)
-        self._packets.clear()
+        verdicts = [self._verdict(packet_id, release)
+                    for packet_id in self.scheduler.drain(self.clock(), release)]
+        self._give([v for v in verdicts if v is not None])
+        self._marks.clear()
         self._close()
 
     def _close(self) -> None:
-        if self._nfq is not None:
-            self._nfq.unbind()
-            self._nfq = None  # frees the handle (nfq_close) once no Packet refers to it
-        for sock in (self._sock, self._dummy):
-            if sock is not None:
-                sock.close()
-        self._sock = self._dummy = None
+        if self._queue is not None:
+            self._queue.close()
+            self._queue = None
+        if self._dummy is not None:
+            self._dummy.close()
+        self._dummy = None
 
     def _close_pipe(self) -> None:
         for fd in (self._wake_r, self._wake_w):

@@ -31,7 +31,6 @@ BPFFS = Path("/sys/fs/bpf")
 
 def setup_module() -> None:
     require_root_netns()
-    pytest.importorskip("netfilterqueue", reason="needs NetfilterQueue (pip install NetfilterQueue==1.1.0)")
     mounts = Path("/proc/mounts").read_text().splitlines()
     if not any(line.split()[1:3] == [str(BPFFS), "bpf"] for line in mounts):
         subprocess.run(["mount", "-t", "bpf", "bpf", str(BPFFS)], check=True)

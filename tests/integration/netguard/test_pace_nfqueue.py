@@ -38,7 +38,6 @@ def setup_module() -> None:
     require_root_netns()
     if shutil.which("iptables-restore") is None:
         pytest.skip("needs iptables (iptables-nft) for the pace-mode rules")
-    pytest.importorskip("netfilterqueue", reason="needs NetfilterQueue (pip install NetfilterQueue==1.1.0)")
 
 
 class ConstantRate:
