@@ -54,6 +54,7 @@ debs:
 
 docs: venv
 	$(BIN)/python packaging/gen-docs
+	PYTHONPATH=agent $(BIN)/python packaging/gen-completions packaging/completions
 
 clean:
 	rm -rf $(VENV) build .mypy_cache .ruff_cache .hypothesis tlsfront/target

@@ -133,6 +133,14 @@ def test_scripts_do_not_depend_on_the_building_host(scripts: Path, tmp_path: Pat
     assert "here:" not in (scripts / "zsh" / "_tensorguard").read_text()
 
 
+def test_packaged_scripts_are_current(scripts: Path) -> None:
+    """The .debs install packaging/completions (Debian 12's shtab cannot write them at build time)."""
+    committed = REPO / "packaging" / "completions"
+    for name in sorted(GENERATED):
+        assert (committed / name).read_text() == (scripts / name).read_text(), (
+            f"packaging/completions/{name} is stale: run `make docs`")
+
+
 def test_path_markers_are_shtabs() -> None:
     assert completion.FILE.items() <= shtab.FILE.items()
     assert completion.DIRECTORY.items() <= shtab.DIRECTORY.items()
