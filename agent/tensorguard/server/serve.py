@@ -28,6 +28,7 @@ import ssl
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
@@ -35,6 +36,7 @@ from typing import Any
 
 import uvicorn
 
+from ..service.sdnotify import Notifier, watchdog_interval
 from .app import create_app
 from .ca import CertificateAuthority, read_trust_domain
 from .engine import Engine, select
@@ -156,6 +158,18 @@ def start_front(binary: Path, settings: ServerSettings, listener: socket.socket,
     return subprocess.Popen(command, pass_fds=(listener.fileno(),), stdin=subprocess.DEVNULL)
 
 
+def wait_child(timeout: float | None) -> tuple[int, int]:
+    """(pid, status) of a child that exited, or (0, 0) when none did within ``timeout`` seconds."""
+    if timeout is None:
+        return os.wait()
+    deadline = time.monotonic() + timeout
+    while True:
+        pid, code = os.waitpid(-1, os.WNOHANG)
+        if pid or time.monotonic() >= deadline:
+            return pid, code
+        time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
+
+
 def serve(settings: ServerSettings, announce: Callable[[str], None]) -> int:
     """Serve until SIGTERM/SIGINT; returns the exit status (1 if a worker or the front died on its own)."""
     engine = check(settings)
@@ -167,10 +181,15 @@ def serve(settings: ServerSettings, announce: Callable[[str], None]) -> int:
     socks = bind(settings.host, settings.port, 1 if front else settings.workers)
     host, port = socks[0].getsockname()[:2]
     url = f"https://[{host}]:{port}" if ":" in host else f"https://{host}:{port}"
-    if settings.workers == 1 and not front:
+    notifier = Notifier()
+    ping = watchdog_interval()
+    if settings.workers == 1 and not front and ping is None:
         announce(url)
+        notifier.ready(f"serving {url}")
         run_worker(settings, socks[0], context, engine)
         return 0
+    # Under systemd's watchdog even one worker runs in a child: the supervisor pings WATCHDOG=1
+    # only while every worker and the front are running.
     children: set[int] = set()
     stopping = False
     rundir: Path | None = None
@@ -211,13 +230,19 @@ def serve(settings: ServerSettings, announce: Callable[[str], None]) -> int:
         for sock in socks:
             sock.close()
         announce(url)
+        count = f"{len(children)} process(es)" if front else f"{len(children)} worker(s)"
+        notifier.ready(f"serving {url} with {count}")
         status = 0
         while children:
             try:
-                pid, code = os.wait()
+                pid, code = wait_child(ping)
             except ChildProcessError:
                 break
             except InterruptedError:
+                continue
+            if pid == 0:  # nothing exited for a watchdog interval: all are running
+                if not stopping:
+                    notifier.watchdog()
                 continue
             children.discard(pid)
             if not stopping:
@@ -228,5 +253,6 @@ def serve(settings: ServerSettings, announce: Callable[[str], None]) -> int:
                 stop(signal.SIGTERM, None)
         return status
     finally:
+        notifier.stopping("stopping")
         if rundir is not None:
             shutil.rmtree(rundir, ignore_errors=True)
