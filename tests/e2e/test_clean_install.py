@@ -250,6 +250,16 @@ def test_installed_files(machine: rootfs.Container) -> None:
     assert not stray, f"files that do not belong in the package: {stray[:20]}"
     # Byte-compiled at install time (py3compile), not shipped.
     sh(box, "ls /usr/lib/tensorguard/python/pydantic/__pycache__/*.pyc >/dev/null")
+    # Completion for both commands, in bash (really completing) and zsh.
+    for prog in ("tgctl", "tensorguard"):
+        r = sh(box, f"bash -c 'source /usr/share/bash-completion/completions/{prog}; "
+                    f"COMP_WORDS=({prog} \"\"); COMP_CWORD=1; _shtab_{prog}; echo ${{COMPREPLY[@]}}'")
+        assert {"status", "config"} <= set(r.stdout.split()) if prog == "tgctl" else \
+            {"server", "netguard"} <= set(r.stdout.split()), r.stdout
+        sh(box, f"test -s /usr/share/zsh/vendor-completions/_{prog}")
+    # The agent has no compiled Python extension: one build serves every supported CPython.
+    r = sh(box, "dpkg -L tensorguard-agent | grep '[.]so$' || true", check=False)
+    assert r.stdout.strip() == "", r.stdout
     # Nothing came from pip: neither pip nor Debian's pydantic 1 was pulled in.
     r = sh(box, "dpkg-query -W -f='${Package} ${Status}\\n' python3-pip python3-pydantic "
                 "2>/dev/null | grep -c 'install ok installed' || true", check=False)
