@@ -41,6 +41,16 @@ def messages(sock: socket.socket, seconds: float, until: str | None = None) -> l
     return out
 
 
+def start_serve(tmp_path: Path, env: dict[str, str]) -> subprocess.Popen[str]:
+    """A fresh CA served by one worker with TLS in Python, in environment ``env``."""
+    ca_dir = tmp_path / "ca"
+    subprocess.run([*SERVER, "ca", "init", "--dir", str(ca_dir), "--trust-domain", "notify.test",
+                    "--host-name", "localhost"], capture_output=True, text=True, timeout=60, check=True)
+    return subprocess.Popen([*SERVER, "serve", "--dir", str(ca_dir), "--port", "0", "--workers", "1",
+                             "--tls", "openssl", "--log-level", "warning"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
 @pytest.fixture()
 def notify_socket(tmp_path: Path) -> Iterator[tuple[socket.socket, Path]]:
     path = tmp_path / "notify"
@@ -53,13 +63,8 @@ def notify_socket(tmp_path: Path) -> Iterator[tuple[socket.socket, Path]]:
 def test_ready_then_watchdog_pings_that_stop_when_a_worker_dies(
         tmp_path: Path, notify_socket: tuple[socket.socket, Path]) -> None:
     sock, path = notify_socket
-    ca_dir = tmp_path / "ca"
-    subprocess.run([*SERVER, "ca", "init", "--dir", str(ca_dir), "--trust-domain", "notify.test",
-                    "--host-name", "localhost"], capture_output=True, text=True, timeout=60, check=True)
-    env = {**os.environ, "NOTIFY_SOCKET": str(path), "WATCHDOG_USEC": "600000"}  # ping every 0.3 s
-    proc = subprocess.Popen([*SERVER, "serve", "--dir", str(ca_dir), "--port", "0", "--workers", "1",
-                             "--tls", "openssl", "--log-level", "warning"], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # a watchdog ping every 0.3 s
+    proc = start_serve(tmp_path, {**os.environ, "NOTIFY_SOCKET": str(path), "WATCHDOG_USEC": "600000"})
     try:
         first = messages(sock, 20, until="READY=1")
         assert "READY=1" in first, first
@@ -79,14 +84,8 @@ def test_ready_then_watchdog_pings_that_stop_when_a_worker_dies(
 def test_without_a_watchdog_one_worker_serves_in_process(
         tmp_path: Path, notify_socket: tuple[socket.socket, Path]) -> None:
     sock, path = notify_socket
-    ca_dir = tmp_path / "ca"
-    subprocess.run([*SERVER, "ca", "init", "--dir", str(ca_dir), "--trust-domain", "notify.test",
-                    "--host-name", "localhost"], capture_output=True, text=True, timeout=60, check=True)
     env = {k: v for k, v in os.environ.items() if not k.startswith("WATCHDOG_")}
-    proc = subprocess.Popen([*SERVER, "serve", "--dir", str(ca_dir), "--port", "0", "--workers", "1",
-                             "--tls", "openssl", "--log-level", "warning"],
-                            env={**env, "NOTIFY_SOCKET": str(path)},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = start_serve(tmp_path, {**env, "NOTIFY_SOCKET": str(path)})
     try:
         assert "READY=1" in messages(sock, 20, until="READY=1")
         assert children(proc.pid) == []
