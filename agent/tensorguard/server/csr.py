@@ -3,17 +3,25 @@
 OpenSSL 3's generic key decoder costs ~0.2 ms per key; for the key types robots use (EC P-256/P-384,
 Ed25519) the SubjectPublicKeyInfo has a fixed DER prefix, so the key is rebuilt from its raw bytes
 instead (about ten times faster). Other keys take the generic path.
+
+Before cryptography parses a request, `csrcheck` walks its DER strictly: a malformed or unreadable
+part is refused with a reason naming it, never an exception from inside cryptography (an HTTP 500).
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import re
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from .. import der
+from .csrcheck import NOT_A_CSR, CsrError, check_request, element, object_identifier, oid_name
+
+__all__ = ["CsrError", "canonical_spki", "decode_body", "load_der", "public_key", "spki_der"]
 
 PEM_MARKERS = (b"-----BEGIN CERTIFICATE REQUEST-----", b"-----BEGIN NEW CERTIFICATE REQUEST-----")
 _WHITESPACE = b" \t\r\n"
@@ -33,12 +41,47 @@ _SPKI_PREFIXES: dict[bytes, tuple[str, int]] = {
 }
 
 
-class CsrError(ValueError):
-    """The body is not a usable PKCS#10 request; ``reason`` says what is wrong with it."""
+_PEM = re.compile(rb"-----BEGIN (NEW )?CERTIFICATE REQUEST-----(.*?)-----END (NEW )?CERTIFICATE REQUEST-----",
+                  re.DOTALL)
+_LAZY_FAILURES = (ValueError, KeyError, TypeError, x509.DuplicateExtension, x509.UnsupportedGeneralNameType)
+"""What cryptography 38 raises reading hostile extensions it parses only on demand (a directoryName
+whose value is an INTEGER is a KeyError, an x400Address an UnsupportedGeneralNameType)."""
 
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
+
+def _pem_der(text: bytes) -> bytes:
+    match = _PEM.match(text)
+    if match is None:
+        raise CsrError("PEM certificate request does not parse: no matching '-----END CERTIFICATE "
+                       "REQUEST-----' line")
+    try:
+        return base64.b64decode(match.group(2).translate(None, _WHITESPACE), validate=True)
+    except (binascii.Error, ValueError):
+        raise CsrError("PEM certificate request does not parse: the text between its BEGIN and END lines "
+                       "is not base64") from None
+
+
+def _base64_der(text: bytes) -> bytes:
+    try:
+        return base64.b64decode(text.translate(None, _WHITESPACE), validate=True)
+    except (binascii.Error, ValueError):
+        raise CsrError("body is neither base64 (RFC 7030 application/pkcs10) nor a PEM certificate "
+                       "request") from None
+
+
+def load_der(data: bytes) -> x509.CertificateSigningRequest:
+    """A request that passed `csrcheck.check_request`, with its extensions read once (cryptography caches
+    them) so that nothing later trips over them."""
+    extensions = check_request(data)
+    try:
+        csr = x509.load_der_x509_csr(data)
+    except (ValueError, x509.InvalidVersion) as exc:
+        raise CsrError(f"{NOT_A_CSR}: {exc}") from None
+    try:
+        _ = csr.extensions
+    except _LAZY_FAILURES as exc:
+        raise CsrError(f"the request's extensions ({', '.join(extensions)}) do not parse: "
+                       f"{str(exc) or type(exc).__name__}") from None
+    return csr
 
 
 def decode_body(body: bytes) -> x509.CertificateSigningRequest:
@@ -46,21 +89,13 @@ def decode_body(body: bytes) -> x509.CertificateSigningRequest:
     stripped = body.strip(_WHITESPACE)
     if not stripped:
         raise CsrError("empty body: expected a base64 DER PKCS#10 certificate request")
-    if stripped.startswith(PEM_MARKERS):
-        try:
-            return x509.load_pem_x509_csr(stripped)
-        except ValueError as exc:
-            raise CsrError(f"PEM certificate request does not parse: {exc}") from None
-    compact = stripped.translate(None, _WHITESPACE)
+    if not stripped.startswith(PEM_MARKERS):
+        return load_der(_base64_der(stripped))
+    data = _pem_der(stripped)
     try:
-        der = base64.b64decode(compact, validate=True)
-    except (binascii.Error, ValueError):
-        raise CsrError("body is neither base64 (RFC 7030 application/pkcs10) nor a PEM certificate "
-                       "request") from None
-    try:
-        return x509.load_der_x509_csr(der)
-    except ValueError as exc:
-        raise CsrError(f"base64 decodes but is not a DER PKCS#10 certificate request: {exc}") from None
+        return load_der(data)
+    except CsrError as exc:
+        raise CsrError(f"PEM certificate request does not parse: {exc.reason}") from None
 
 
 def spki_der(csr: x509.CertificateSigningRequest) -> bytes:
@@ -107,5 +142,23 @@ def public_key(csr: x509.CertificateSigningRequest) -> object:
                 raise CsrError(f"the request's {kind} public key is not a valid point") from None
     try:
         return csr.public_key()
-    except (ValueError, TypeError) as exc:
-        raise CsrError(f"the request's public key cannot be used: {exc}") from None
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
+        raise CsrError(_undecodable_key(spki, exc)) from None
+
+
+def _undecodable_key(spki: bytes, exc: Exception) -> str:
+    """Why a key cryptography could not load is refused, named by its algorithm."""
+    algorithm = oid_name(_key_algorithm(spki))
+    label = algorithm if algorithm[0].isalpha() else f"algorithm {algorithm}"
+    if algorithm == "id-ecPublicKey":
+        return (f"the request's public key ({label}) cannot be decoded: its curve is explicit parameters, "
+                "an unknown curve or a bad point; use the named curve P-256 or P-384")
+    first = str(exc.args[0]) if exc.args else type(exc).__name__
+    return f"the request's public key ({label}) cannot be decoded: {first.split('. ')[0]}"
+
+
+def _key_algorithm(spki: bytes) -> str:
+    """The dotted algorithm OID of a SubjectPublicKeyInfo (which `csrcheck` already found well formed)."""
+    outer = element(spki, 0, len(spki), "subjectPublicKeyInfo")
+    algorithm = element(spki, outer.start, outer.end, "subjectPublicKeyInfo algorithm")
+    return object_identifier(spki, element(spki, algorithm.start, algorithm.end, "algorithm"), "algorithm")
