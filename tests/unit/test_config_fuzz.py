@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -70,7 +71,7 @@ def test_every_string_key_has_bad_strings() -> None:
 @st.composite
 def malformed(draw: st.DrawFn) -> tuple[bytes, str | None]:
     """A drop-in that must be refused, and the dotted key the error must name (if any)."""
-    kind = draw(st.sampled_from(["value", "unknown", "syntax", "encoding", "shape"]))
+    kind = draw(st.sampled_from(["value", "unknown", "syntax", "encoding", "shape", "huge", "deep"]))
     if kind == "value":
         doc = draw(st.sampled_from(KEYS))
         value = draw(bad_values_for(doc.default, doc.key))
@@ -92,6 +93,19 @@ def malformed(draw: st.DrawFn) -> tuple[bytes, str | None]:
     if kind == "encoding":
         junk = draw(st.binary(min_size=1, max_size=8).map(lambda b: b"\xff" + b))
         return b'[agent]\nnode_id = "' + junk + b'"\n', None
+    if kind == "huge":  # more digits than Python converts (sys.get_int_max_str_digits)
+        doc = draw(st.sampled_from(KEYS))
+        table, _, leaf = doc.key.rpartition(".")
+        digits = draw(st.integers(sys.get_int_max_str_digits() + 1, 20_000))
+        return f"[{table}]\n{leaf} = {draw(st.sampled_from(['', '-', '+']))}{'7' * digits}\n".encode(), None
+    if kind == "deep":  # arrays, inline tables or dotted headers nested past any stack
+        doc = draw(st.sampled_from(KEYS))
+        table, _, leaf = doc.key.rpartition(".")
+        depth = draw(st.integers(33, 1500))
+        opener, closer = draw(st.sampled_from([("[", "]"), ("{ a = ", " }"), ("[{ a = ", " }]")]))
+        if draw(st.booleans()):
+            return f"[{table}.{'.'.join(['x'] * depth)}]\n".encode(), None
+        return f"[{table}]\n{leaf} = {opener * depth}1{closer * depth}\n".encode(), None
     # shape: a scalar where a table belongs, or a table where a scalar belongs
     doc = draw(st.sampled_from(KEYS))
     top, _, _ = doc.key.partition(".")

@@ -102,7 +102,7 @@ def test_missing_main_config(tmp_path: Path) -> None:
 def test_world_writable_file_is_refused(agent_dir: AgentDir) -> None:
     path = agent_dir.drop_in("10.toml", "")
     os.chmod(path, 0o666)
-    assert issues_of(agent_dir) == ["agent.d/10.toml: is world-writable; refusing to trust it"]
+    assert issues_of(agent_dir) == ["agent.d/10.toml: is world-writable (mode 0666); refusing to trust it"]
 
 
 def test_directory_named_like_a_drop_in_is_reported(agent_dir: AgentDir) -> None:

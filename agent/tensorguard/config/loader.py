@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import os
+import re
 import stat
+import sys
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +21,8 @@ from .schema import AgentConfig
 
 DEFAULT_CONFIG = Path("/etc/tensorguard/agent.toml")
 MAX_CONFIG_BYTES = 1024 * 1024
+MAX_NESTING = 32  # tables and arrays; the schema needs 4, Python's stack gives out near 1000
+_TOO_DEEP = f"nested deeper than {MAX_NESTING} levels"
 
 Key = tuple[str | int, ...]
 
@@ -118,15 +124,44 @@ def read_merged(
 
 
 def _drop_ins(directory: Path, main: Path) -> list[Path]:
+    name = _display_name(directory, main.parent)
     try:
-        entries = sorted(directory.iterdir(), key=lambda p: os.fsencode(p.name))
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except FileNotFoundError:
         return []
     except OSError as exc:
-        raise ConfigError(
-            [ConfigIssue(_display_name(directory, main.parent), f"cannot list: {exc.strerror}")]
-        ) from None
-    return [p for p in entries if p.suffix == ".toml" and not p.name.startswith(".")]
+        raise ConfigError([ConfigIssue(name, f"cannot list: {exc.strerror}")]) from None
+    try:
+        reason = untrusted_reason(os.fstat(fd))
+        if reason is not None:
+            raise ConfigError([ConfigIssue(name, f"{reason}; refusing to trust it")])
+        entries = sorted(os.listdir(fd), key=os.fsencode)
+    except OSError as exc:
+        raise ConfigError([ConfigIssue(name, f"cannot list: {exc.strerror}")]) from None
+    finally:
+        os.close(fd)
+    return [directory / e for e in entries if e.endswith(".toml") and not e.startswith(".")]
+
+
+def untrusted_reason(info: os.stat_result, euid: int | None = None) -> str | None:
+    """Why a config file or agent.d/ must not be trusted (None: it may be).
+
+    netguard runs as root and applies this config to the kernel, and identity installs
+    certificates where it says: whoever can write a config file, or add one to agent.d/, steers
+    those units. So a file or the directory must belong to root, or to the user running the
+    loader (a developer's own tree, `tgctl config validate` run by a user), and must be writable
+    by neither its group nor others.
+    """
+    euid = os.geteuid() if euid is None else euid
+    if info.st_uid not in {0, euid}:
+        allowed = "root" if euid == 0 else f"root or uid {euid} (the running user)"
+        return f"is owned by uid {info.st_uid}, not {allowed}"
+    mode = stat.S_IMODE(info.st_mode)
+    if mode & stat.S_IWOTH:
+        return f"is world-writable (mode {mode:04o})"
+    if mode & stat.S_IWGRP:
+        return f"is group-writable (mode {mode:04o})"
+    return None
 
 
 def _display_name(path: Path, base: Path) -> str:
@@ -136,19 +171,59 @@ def _display_name(path: Path, base: Path) -> str:
         return str(path)
 
 
-def _read_toml(path: Path, name: str) -> dict[str, Any]:
+_FILE_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"),
+               (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+               (stat.S_ISBLK, "a block device"))
+
+
+def _not_regular(mode: int) -> str | None:
+    if stat.S_ISREG(mode):
+        return None
+    kind = next((k for test, k in _FILE_KINDS if test(mode)), "of an unknown kind")
+    return f"is not a regular file ({kind}); refusing to read it"
+
+
+def _read_bytes(path: Path, name: str) -> bytes:
+    """The file's bytes, refusing what could block (FIFOs, devices), never end, or be planted.
+
+    O_NONBLOCK makes opening a FIFO return at once, so fstat can refuse it; symlinks are
+    followed (admins link drop-ins), and the checks apply to the file actually opened.
+    """
     try:
-        with path.open("rb") as handle:
-            info = os.fstat(handle.fileno())
-            if not stat.S_ISREG(info.st_mode):
-                raise ConfigError([ConfigIssue(name, "is not a regular file")])
-            if info.st_mode & stat.S_IWOTH:
-                raise ConfigError([ConfigIssue(name, "is world-writable; refusing to trust it")])
-            raw = handle.read(MAX_CONFIG_BYTES + 1)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
+    except OSError as exc:
+        if exc.errno == errno.ENXIO:  # a socket (or a device without a driver)
+            with contextlib.suppress(OSError):
+                refusal = _not_regular(os.stat(path).st_mode)
+                if refusal is not None:
+                    raise ConfigError([ConfigIssue(name, refusal)]) from None
+        raise ConfigError([ConfigIssue(name, f"cannot read: {exc.strerror}")]) from None
+    try:
+        info = os.fstat(fd)
+        refusal = _not_regular(info.st_mode)
+        if refusal is not None:
+            raise ConfigError([ConfigIssue(name, refusal)])
+        reason = untrusted_reason(info)
+        if reason is not None:
+            raise ConfigError([ConfigIssue(name, f"{reason}; refusing to trust it")])
+        if info.st_size > MAX_CONFIG_BYTES:
+            raise ConfigError([ConfigIssue(name, f"is larger than {MAX_CONFIG_BYTES} bytes")])
+        chunks: list[bytes] = []
+        size = 0
+        while size <= MAX_CONFIG_BYTES and (chunk := os.read(fd, MAX_CONFIG_BYTES + 1 - size)):
+            chunks.append(chunk)
+            size += len(chunk)
     except OSError as exc:
         raise ConfigError([ConfigIssue(name, f"cannot read: {exc.strerror}")]) from None
-    if len(raw) > MAX_CONFIG_BYTES:
+    finally:
+        os.close(fd)
+    if size > MAX_CONFIG_BYTES:
         raise ConfigError([ConfigIssue(name, f"is larger than {MAX_CONFIG_BYTES} bytes")])
+    return b"".join(chunks)
+
+
+def _read_toml(path: Path, name: str) -> dict[str, Any]:
+    raw = _read_bytes(path, name)
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -156,11 +231,40 @@ def _read_toml(path: Path, name: str) -> dict[str, Any]:
             [ConfigIssue(name, f"is not valid UTF-8 (byte offset {exc.start})")]
         ) from None
     try:
-        return tomllib.loads(text)
+        data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError([ConfigIssue(name, f"TOML syntax error: {exc}")]) from None
     except RecursionError:
-        raise ConfigError([ConfigIssue(name, "TOML nesting is too deep")]) from None
+        raise ConfigError([ConfigIssue(name, _TOO_DEEP)]) from None
+    except ValueError:  # int() past sys.get_int_max_str_digits(); tomllib raises nothing else
+        raise ConfigError([ConfigIssue(name, _number_too_large(text))]) from None
+    deep = _too_deep(data)
+    if deep is not None:
+        raise ConfigError([ConfigIssue(name, _TOO_DEEP, _dotted(deep[:4]) + "...")])
+    return data
+
+
+def _number_too_large(text: str) -> str:
+    """Say which line holds the integer Python refuses to convert (sys.get_int_max_str_digits)."""
+    limit = sys.get_int_max_str_digits()
+    # A value starts after '=', '[', ',' or '{'; a digit run in a string rarely looks like that.
+    found = re.search(rf"[=\[,{{]\s*[+-]?[0-9_]{{{limit + 1},}}", text)
+    where = f" (line {text.count(chr(10), 0, found.start()) + 1})" if found else ""
+    return f"number too large: more than {limit} digits{where}"
+
+
+def _too_deep(data: dict[str, Any]) -> Key | None:
+    """The first key path nested deeper than MAX_NESTING, found without recursion."""
+    stack: list[tuple[Key, Any]] = [((), data)]
+    while stack:
+        path, value = stack.pop()
+        if len(path) > MAX_NESTING:
+            return path
+        if isinstance(value, dict):
+            stack.extend(((*path, k), v) for k, v in value.items())
+        elif isinstance(value, list):
+            stack.extend(((*path, i), v) for i, v in enumerate(value))
+    return None
 
 
 def _merge(
