@@ -111,6 +111,11 @@ def build_parser(host_details: bool = True) -> argparse.ArgumentParser:
                      help="who terminates TLS: rustls (the tensorguard-tlsfront process, ~5x less CPU "
                      "per mutual-TLS handshake), openssl (Python's ssl in each worker), or auto, i.e. rustls "
                      f"when installed (default: auto{on_host('rustls' if front else 'openssl')})")
+    srv.add_argument("--handshake-timeout", type=int, default=10, metavar="SECONDS",
+                     help="close a connection whose TLS handshake is not done by then (default: 10)")
+    srv.add_argument("--idle-timeout", type=int, default=30, metavar="SECONDS",
+                     help="close a connection silent that long, before its first request or between "
+                     "requests (default: 30)")
     srv.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     srv.add_argument("--access-log", action="store_true", help="log every request")
 
@@ -187,7 +192,8 @@ def _serve(args: argparse.Namespace) -> int:
         cert_lifetime=args.cert_lifetime, backdate=args.backdate, dns_templates=tuple(args.dns_templates),
         max_body_bytes=args.max_body_bytes,
         sqlite_synchronous=args.sqlite_synchronous, log_level=args.log_level, access_log=args.access_log,
-        http=args.http, loop=args.loop, tls=args.tls)
+        http=args.http, loop=args.loop, tls=args.tls, handshake_timeout=args.handshake_timeout,
+        idle_timeout=args.idle_timeout)
 
     def announce(url: str) -> None:
         print(f"listening on {url}", flush=True)

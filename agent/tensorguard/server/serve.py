@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -39,6 +40,7 @@ import uvicorn
 from ..service.sdnotify import Notifier, watchdog_interval
 from .app import create_app
 from .ca import CertificateAuthority, read_trust_domain
+from .deadlines import HandshakeDeadlineServer, with_first_request_deadline
 from .engine import Engine, select
 from .policy import IssuancePolicy
 from .settings import ServerSettings
@@ -99,7 +101,9 @@ def tls_context(settings: ServerSettings) -> ssl.SSLContext:
 def run_worker(settings: ServerSettings, sock: socket.socket, context: ssl.SSLContext | None = None,
                engine: Engine | None = None, proxied: bool = False) -> None:
     """One uvicorn server on its listening socket, until SIGTERM/SIGINT: HTTPS with ``context`` (built
-    from the settings if None), or with ``proxied`` plain HTTP from the rustls front on a Unix socket."""
+    from the settings if None), or with ``proxied`` plain HTTP from the rustls front on a Unix socket.
+    A connection silent for the idle timeout (before its first request too) or slower than the handshake
+    timeout to finish its TLS handshake is closed (see `deadlines`)."""
     paths = settings.paths
     if context is None and not proxied:
         context = tls_context(settings)
@@ -109,10 +113,10 @@ def run_worker(settings: ServerSettings, sock: socket.socket, context: ssl.SSLCo
         "-----END CERTIFICATE-----\n"
     tls: dict[str, Any] = {} if proxied else {"ssl_context_factory": lambda _config, _default: context}
     config = uvicorn.Config(
-        create_app(settings), http=engine.protocol(server_pem, proxied), loop=engine.loop,
-        proxy_headers=False, lifespan="off", log_level=settings.log_level, access_log=settings.access_log,
-        server_header=False, timeout_keep_alive=30, **tls)
-    uvicorn.Server(config).run(sockets=[sock])
+        create_app(settings), http=with_first_request_deadline(engine.protocol(server_pem, proxied)),
+        loop=engine.loop, proxy_headers=False, lifespan="off", log_level=settings.log_level,
+        access_log=settings.access_log, server_header=False, timeout_keep_alive=settings.idle_timeout, **tls)
+    HandshakeDeadlineServer(config, settings.handshake_timeout).run(sockets=[sock])
 
 
 def follow_parent(parent: int) -> None:
@@ -152,7 +156,8 @@ def start_front(binary: Path, settings: ServerSettings, listener: socket.socket,
     paths = settings.paths
     command = [str(binary), "--listen-fd", str(listener.fileno()), "--cert", str(paths.server_cert),
                "--key", str(paths.server_key), "--client-ca", str(paths.intermediate_cert),
-               "--threads", str(settings.workers)]
+               "--threads", str(settings.workers), "--handshake-timeout", str(settings.handshake_timeout),
+               "--idle-timeout", str(settings.idle_timeout)]
     for upstream in upstreams:
         command += ["--upstream", str(upstream)]
     return subprocess.Popen(command, pass_fds=(listener.fileno(),), stdin=subprocess.DEVNULL)
@@ -170,9 +175,20 @@ def wait_child(timeout: float | None) -> tuple[int, int]:
         time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
 
 
+def raise_file_limit() -> None:
+    """Raise the soft limit on open files to the hard one, for this process and the workers it forks:
+    systemd gives a service 1024, and a worker that reaches it stops accepting (asyncio retries each
+    second), renewals included, until enough of the open connections have timed out."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def serve(settings: ServerSettings, announce: Callable[[str], None]) -> int:
     """Serve until SIGTERM/SIGINT; returns the exit status (1 if a worker or the front died on its own)."""
     engine = check(settings)
+    raise_file_limit()
     front = select_front(settings.tls)
     context = None if front else tls_context(settings)
     tls = f"TLS on rustls ({front})" if front else f"TLS on {ssl.OPENSSL_VERSION} in the workers"

@@ -10,6 +10,8 @@ from .ca import CAPaths
 from .engine import HTTP_CHOICES, LOOP_CHOICES
 
 TLS_CHOICES = ("auto", "rustls", "openssl")
+MAX_TIMEOUT = 300
+"""Longest handshake or idle timeout, in seconds (the rustls front's own limit)."""
 
 
 @dataclass(frozen=True)
@@ -34,6 +36,10 @@ class ServerSettings:
     tls: str = "auto"
     """Who terminates TLS: rustls (the tensorguard-tlsfront process), openssl (Python's ssl in each worker),
     or auto (rustls when the front is installed)."""
+    handshake_timeout: int = 10
+    """Seconds a client has from connecting to the end of its TLS handshake."""
+    idle_timeout: int = 30
+    """Seconds a connection may stay silent, before its first request or between requests."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -46,6 +52,10 @@ class ServerSettings:
             raise ValueError(f"loop must be one of {', '.join(LOOP_CHOICES)}, not {self.loop!r}")
         if self.tls not in TLS_CHOICES:
             raise ValueError(f"tls must be one of {', '.join(TLS_CHOICES)}, not {self.tls!r}")
+        timeouts = (("handshake timeout", self.handshake_timeout), ("idle timeout", self.idle_timeout))
+        for name, seconds in timeouts:
+            if not 1 <= seconds <= MAX_TIMEOUT:
+                raise ValueError(f"{name} must be 1..{MAX_TIMEOUT} seconds, not {seconds}")
         if not 1024 <= self.max_body_bytes <= 1024 * 1024:
             raise ValueError(f"max body must be 1 KiB..1 MiB, not {self.max_body_bytes} bytes")
 
