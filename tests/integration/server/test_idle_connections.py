@@ -148,3 +148,31 @@ def test_silent_clients_are_closed_in_time_and_do_not_hold_up_a_renewal(server: 
             sock.close()
     assert server.proc.poll() is None
     assert _renew(server, cert, key) < 2
+
+
+def _client_hello(server: Server) -> bytes:
+    """The first flight of a real TLS client to this server (its ClientHello record)."""
+    context = ssl.create_default_context(cafile=str(server.root_cert))
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = context.wrap_bio(incoming, outgoing, server_hostname="127.0.0.1")
+    with pytest.raises(ssl.SSLWantReadError):
+        tls.do_handshake()
+    return outgoing.read()
+
+
+def test_a_client_that_drips_its_client_hello_is_closed_at_the_handshake_timeout(server: Server) -> None:
+    """The handshake timeout counts from the connection, not from the client's last byte."""
+    hello = _client_hello(server)
+    assert len(hello) > 4 * TIMEOUT
+    with socket.create_connection(_address(server), timeout=10) as sock:
+        sock.setblocking(False)
+        opened = time.monotonic()
+        for byte in hello:  # one byte every 0.25 s: the whole would take over a minute
+            if _closed(sock):
+                break
+            with contextlib.suppress(ConnectionError):
+                sock.send(bytes([byte]))
+            time.sleep(0.25)
+            assert time.monotonic() - opened < TIMEOUT + SLACK, "still open past the handshake timeout"
+        took = time.monotonic() - opened
+    assert TIMEOUT - 0.5 < took < TIMEOUT + SLACK, took
