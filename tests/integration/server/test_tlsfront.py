@@ -7,9 +7,11 @@ another CA never reaches a worker."""
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import ssl
 import subprocess
+import time
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -23,6 +25,8 @@ from tensorguard.server.tlsfront import ProxiedConnection, find_binary, parse_he
 from tests.unit.server.helpers import key_pem, make_ca, make_csr, p256
 
 pytestmark = pytest.mark.skipif(find_binary() is None, reason="tensorguard-tlsfront is not built (make tlsfront)")
+IDLE = 2
+"""The front's --idle-timeout in these tests, seconds."""
 
 
 class Front:
@@ -41,7 +45,7 @@ class Front:
         self.proc = subprocess.Popen(
             [str(binary), "--listen-fd", str(self.tcp.fileno()), "--upstream", str(work / "worker.sock"),
              "--cert", str(paths.server_cert), "--key", str(paths.server_key),
-             "--client-ca", str(paths.intermediate_cert), "--handshake-timeout", "2"],
+             "--client-ca", str(paths.intermediate_cert), "--handshake-timeout", "2", "--idle-timeout", str(IDLE)],
             pass_fds=(self.tcp.fileno(),), stderr=subprocess.PIPE)
         self.root = str(paths.root_cert)
 
@@ -149,3 +153,22 @@ def test_a_bad_command_line_or_file_says_what_is_wrong(tmp_path: Path) -> None:
     assert files.returncode == 1 and "empty.pem: no CERTIFICATE block" in files.stderr
     assert "--listen-fd FD" in subprocess.run([str(binary), "--help"], capture_output=True, text=True,
                                               timeout=10).stdout
+
+
+def test_a_connection_silent_after_its_answer_is_closed_on_both_legs(
+        front: tuple[Front, CertificateAuthority, Path]) -> None:
+    handle, ca, work = front
+    cert, key, _ = _robot(ca, "r4")
+    with handle.client(cert, key, work) as client:
+        client.sendall(b"request")
+        _, _, conn = handle.worker_side(b"request")
+        with conn:
+            conn.sendall(b"answer")
+            assert client.recv(6) == b"answer"
+            answered = time.monotonic()
+            assert conn.recv(1) == b""  # the worker's leg: closed, not left to the worker
+            worker_closed = time.monotonic() - answered
+            with contextlib.suppress(ssl.SSLError, ConnectionError):  # an EOF without close_notify
+                assert client.recv(1) == b""
+            client_closed = time.monotonic() - answered
+    assert IDLE - 0.5 < worker_closed < IDLE + 3 and client_closed < IDLE + 3, (worker_closed, client_closed)
