@@ -15,6 +15,7 @@ import resource
 import selectors
 import socket
 import ssl
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,7 +25,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.serialization import pkcs7
 
 from tensorguard.server.tlsfront import find_binary
-from tests.integration.server.ca_process import Server, running_ca
+from tests.integration.server.ca_process import SERVER, Server, running_ca
 from tests.unit.server.helpers import TRUST_DOMAIN, b64, key_pem, make_csr, p256
 
 TIMEOUT = 4
@@ -176,3 +177,11 @@ def test_a_client_that_drips_its_client_hello_is_closed_at_the_handshake_timeout
             assert time.monotonic() - opened < TIMEOUT + SLACK, "still open past the handshake timeout"
         took = time.monotonic() - opened
     assert TIMEOUT - 0.5 < took < TIMEOUT + SLACK, took
+
+
+def test_a_timeout_out_of_range_is_refused_by_name(tmp_path: Path) -> None:
+    for flag, value, name in (("--idle-timeout", "0", "idle timeout"), ("--handshake-timeout", "301", "handshake timeout")):
+        run = subprocess.run([*SERVER, "serve", "--dir", str(tmp_path), flag, value], capture_output=True, text=True,
+                             timeout=60)
+        assert run.returncode != 0 and f"{name} must be 1..300 seconds, not {value}" in run.stderr, run.stderr
+        assert "Traceback" not in run.stderr
