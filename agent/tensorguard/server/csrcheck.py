@@ -94,6 +94,8 @@ def element(data: bytes, pos: int, end: int, where: str) -> Element:
     if pos >= end:
         raise CsrError(f"{where}: missing (the data ends here)")
     tag = data[pos]
+    if tag == 0:
+        raise CsrError(f"{where}: an end-of-contents marker (tag 0), which only BER indefinite lengths use")
     if tag & 0x1F == 0x1F:
         raise CsrError(f"{where}: uses a multi-octet tag (0x{tag:02x}...), which no part of a certificate "
                        "request has")
@@ -195,6 +197,29 @@ def check_string(data: bytes, item: Element, where: str) -> None:
         raise CsrError(f"{where} is {tag_name(item.tag)}, expected a string ({_STRINGS})")
 
 
+def check_any(data: bytes, item: Element, where: str) -> None:
+    """A value of type ANY (algorithm parameters, attribute values): universal primitives in DER form,
+    as OpenSSL's decoder (which checks RSA signatures) insists on."""
+    content = data[item.start:item.end]
+    if item.tag == BOOLEAN and content not in (b"\x00", b"\xff"):
+        raise CsrError(f"{where}: a BOOLEAN is one octet, 0x00 or 0xff, not {content.hex() or 'empty'}")
+    if item.tag == der.INTEGER and (not content or (len(content) > 1 and (
+            (content[0] == 0 and content[1] < 0x80) or (content[0] == 0xFF and content[1] >= 0x80)))):
+        raise CsrError(f"{where}: INTEGER {content.hex() or '(empty)'} is not in minimal DER form")
+    if item.tag == 0x05 and content:
+        raise CsrError(f"{where}: a NULL has no content, this one has {len(content)} "
+                       f"byte{'' if len(content) == 1 else 's'}")
+    if item.tag == OID:
+        object_identifier(data, item, where)
+    if item.tag == der.BIT_STRING and (not content or content[0] > 7 or (len(content) == 1 and content[0])):
+        raise CsrError(f"{where}: BIT STRING with a bad unused-bits octet")
+    if item.tag in (0x0C, 0x12, 0x13, 0x14, 0x16, 0x1A, 0x1C, 0x1E):
+        check_string(data, item, where)
+    if 0x21 <= item.tag <= 0x3F and item.tag not in (der.SEQUENCE, der.SET):
+        raise CsrError(f"{where}: constructed encoding of a primitive type (tag 0x{item.tag:02x}), which "
+                       "is BER")
+
+
 def check_name(data: bytes, name: Element, where: str) -> None:
     """A Name: RDN sets of (type, string value) pairs."""
     expect(name, der.SEQUENCE, where)
@@ -234,7 +259,10 @@ def check_algorithm(data: bytes, item: Element, where: str) -> str:
     if not 1 <= len(items) <= 2:
         raise CsrError(f"{where}: expected an OBJECT IDENTIFIER and optional parameters, got {len(items)} "
                        f"element{'' if len(items) == 1 else 's'}")
-    return object_identifier(data, items[0], where)
+    dotted = object_identifier(data, items[0], where)
+    if len(items) == 2:
+        check_any(data, items[1], f"{where} parameters")
+    return dotted
 
 
 def check_general_names(data: bytes, value: Element, extension: str, issued: bool) -> None:
@@ -302,6 +330,8 @@ def check_attributes(data: bytes, attributes: Element) -> list[str]:
         expect(values, der.SET, f"attribute {oid_name(dotted)} values")
         items = children(data, values, f"attribute {oid_name(dotted)} values")
         if dotted not in _EXTENSION_REQUESTS:
+            for number, value in enumerate(items, 1):
+                check_any(data, value, f"attribute {oid_name(dotted)} value {number}")
             continue
         requests += 1
         if requests > 1:

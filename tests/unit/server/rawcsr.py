@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from tensorguard import der
 
@@ -19,6 +19,7 @@ UTF8, PRINTABLE, IA5, UNIVERSAL, BMP = 0x0C, 0x13, 0x16, 0x1C, 0x1E
 OTHER_NAME, RFC822, DNS, X400, DIRECTORY, EDI_PARTY, URI, IP, REGISTERED_ID = (
     0xA0, 0x81, 0x82, 0xA3, 0xA4, 0xA5, 0x86, 0x87, 0x88)
 """GeneralName choices as their (implicit or explicit) context tags."""
+PrivateKey = ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey | rsa.RSAPrivateKey
 
 
 def name(*attributes: tuple[bytes, bytes]) -> bytes:
@@ -41,7 +42,7 @@ def san(*names: bytes) -> bytes:
     return extension(SUBJECT_ALT_NAME, der.tlv(der.SEQUENCE, b"".join(names)))
 
 
-def spki(key: ec.EllipticCurvePrivateKey) -> bytes:
+def spki(key: PrivateKey) -> bytes:
     return key.public_key().public_bytes(serialization.Encoding.DER,
                                          serialization.PublicFormat.SubjectPublicKeyInfo)
 
@@ -55,7 +56,7 @@ def extension_request(extensions: Sequence[bytes]) -> bytes:
     return der.tlv(0xA0, attribute)
 
 
-def info(key: ec.EllipticCurvePrivateKey, subject: bytes = b"\x30\x00", extensions: Sequence[bytes] = (),
+def info(key: PrivateKey, subject: bytes = b"\x30\x00", extensions: Sequence[bytes] = (),
          *, attributes: bytes | None = None, version: bytes = b"\x02\x01\x00") -> bytes:
     """A CertificationRequestInfo with ``key``'s SubjectPublicKeyInfo."""
     tail = extension_request(extensions) if attributes is None else attributes

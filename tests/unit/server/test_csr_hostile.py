@@ -10,8 +10,8 @@ from datetime import timedelta
 
 import httpx
 import pytest
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 
 from tensorguard import der
 from tensorguard.server.app import create_app
@@ -26,6 +26,7 @@ from .helpers import NOW, b64, make_ca, make_csr, p256, spiffe
 EST = "/.well-known/est"
 NODE = "r1"
 KEY = ec.generate_private_key(ec.SECP256R1())
+RSA_KEY = rsa.generate_private_key(65537, 2048)
 GOOD_URI = raw.URI, spiffe(NODE).encode()
 
 
@@ -56,6 +57,18 @@ def _relength(element: bytes, octets: int) -> bytes:
     """``element`` with its length written in ``octets`` long-form octets (not minimal DER)."""
     content = _body(element)
     return bytes([element[0], 0x80 | octets]) + len(content).to_bytes(octets, "big") + content
+
+
+def _rsa_signed(request_info: bytes, parameters: bytes = b"\x05\x00") -> bytes:
+    """An RSA request: its signature is checked by OpenSSL's own decoder, stricter than cryptography's."""
+    algorithm = der.tlv(der.SEQUENCE, der.oid("1.2.840.113549.1.1.11") + parameters)
+    signature = RSA_KEY.sign(request_info, padding.PKCS1v15(), hashes.SHA256())
+    return der.tlv(der.SEQUENCE, request_info + algorithm + der.tlv(der.BIT_STRING, b"\x00" + signature))
+
+
+def _challenge(value: bytes) -> bytes:
+    """[0] attributes holding one challengePassword with ``value``."""
+    return der.tlv(0xA0, der.tlv(der.SEQUENCE, der.oid("1.2.840.113549.1.9.7") + der.tlv(der.SET, value)))
 
 
 _GOOD = _signed(raw.cn(raw.UTF8, NODE.encode()), (raw.san(der.tlv(*GOOD_URI)),))
@@ -167,6 +180,17 @@ CASES: list[tuple[str, bytes, str]] = [
      "subjectPublicKeyInfo algorithm: expected an OBJECT IDENTIFIER"),
     ("bad-oid", _with_spki(der.tlv(der.SEQUENCE, der.tlv(der.SEQUENCE, b"\x06\x02\x2a\x80")
                                   + der.tlv(der.BIT_STRING, b"\x00\x01"))), "is not a valid OBJECT IDENTIFIER"),
+    # What OpenSSL's decoder (RSA signatures) refuses although cryptography's parser took it (fuzz finds).
+    ("rsa-end-of-contents-parameters", _rsa_signed(raw.info(RSA_KEY), b"\x00\x00"),
+     "signatureAlgorithm element 2: an end-of-contents marker (tag 0)"),
+    ("rsa-attribute-non-minimal-integer", _rsa_signed(raw.info(RSA_KEY, attributes=_challenge(b"\x02\x02\x00\x05"))),
+     "attribute challengePassword value 1: INTEGER 0005 is not in minimal DER form"),
+    ("rsa-attribute-long-boolean", _rsa_signed(raw.info(RSA_KEY, attributes=_challenge(b"\x01\x02\xff\xff"))),
+     "attribute challengePassword value 1: a BOOLEAN is one octet"),
+    ("rsa-null-with-content", _rsa_signed(raw.info(RSA_KEY), b"\x05\x01\x00"),
+     "signatureAlgorithm parameters: a NULL has no content"),
+    ("rsa-constructed-octet-string", _rsa_signed(raw.info(RSA_KEY, attributes=_challenge(b"\x24\x03\x04\x01x"))),
+     "constructed encoding of a primitive type (tag 0x24), which is BER"),
     ("tampered-signature", _GOOD[:-3] + bytes([_GOOD[-3] ^ 1]) + _GOOD[-2:], "self-signature does not verify"),
 ]
 
