@@ -30,6 +30,8 @@ from tensorguard.server.timeutil import utc_now
 from tensorguard.server.tlsfront import find_binary
 from tests.integration.server.ca_process import SERVER, Server, running_ca
 from tests.unit.server.helpers import b64, key_pem, make_ca, make_csr, p256, spiffe, tamper_signature
+from tests.unit.server.test_csr_hostile import CASES as HOSTILE_CASES
+from tests.unit.server.test_csr_hostile import NODE as HOSTILE_NODE
 
 TRUST_DOMAIN = "fleet.test"
 PKCS10 = {"Content-Type": "application/pkcs10"}
@@ -257,6 +259,31 @@ def test_bad_input_gets_a_reason_and_an_audit_entry(server: Server, body: bytes 
     assert _issued(server) == before
     assert _last_refusal(server, "enroll") == (response.json()["detail"], status)
     assert token not in str(server.store.audit_records())
+
+
+HOSTILE = ("cn-integer", "bmp-odd-length", "universal-code-point", "utf8-invalid", "san-x400", "san-edi-party",
+           "san-directory-name", "version-1", "indefinite-length", "trailing-data",
+           "rsa-end-of-contents-parameters")
+
+
+def test_hostile_csrs_get_a_400_and_the_server_keeps_serving(server: Server) -> None:
+    """Requests that used to crash the handler (HTTP 500) are refused with their reason, audited, and
+    neither burn the token nor stop the workers."""
+    cases = {name: (body, needle) for name, body, needle in HOSTILE_CASES}
+    token = server.token(HOSTILE_NODE)
+    headers = {**PKCS10, "Authorization": f"Bearer {token}"}
+    before = _issued(server)
+    with server.client() as client:
+        for name in HOSTILE:
+            body, needle = cases[name]
+            response = client.post(f"{server.est}/simpleenroll", content=base64.b64encode(body), headers=headers)
+            assert response.status_code == 400, (name, response.text)
+            assert needle in response.json()["detail"], name
+            assert _last_refusal(server, "enroll") == (response.json()["detail"], 400)
+        assert _issued(server) == before
+        _cert(client.post(f"{server.est}/simpleenroll", content=b64(make_csr(p256(), cn=HOSTILE_NODE)),
+                          headers=headers))
+        assert client.get(f"{server.url}/healthz").json()["status"] == "ok"
 
 
 def test_oversize_chunked_body_is_cut_off(server: Server) -> None:
