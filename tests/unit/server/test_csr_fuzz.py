@@ -166,7 +166,7 @@ def _parse_and_approve(body: bytes) -> None:
         assert exc.reason
 
 
-@settings(max_examples=EXAMPLES or 1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=EXAMPLES or 1500, deadline=None, derandomize=not EXAMPLES, suppress_health_check=[HealthCheck.too_slow])
 @given(mutated())
 def test_the_parser_and_policy_raise_only_their_own_errors(data: bytes) -> None:
     _parse_and_approve(base64.b64encode(data))
@@ -194,7 +194,7 @@ def app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[EstFastPath,
     yield fast, store, tls
 
 
-@settings(max_examples=max((EXAMPLES or 0) // 5, 250), deadline=None,
+@settings(max_examples=max((EXAMPLES or 0) // 5, 250), deadline=None, derandomize=not EXAMPLES,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(data=mutated(), renew=st.booleans())
 def test_the_endpoints_never_answer_5xx(app: tuple[EstFastPath, SQLiteStore, dict[str, object]],
