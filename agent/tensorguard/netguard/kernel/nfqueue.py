@@ -79,8 +79,7 @@ class QueuedPacket:
     packet_id: int
     mark: int
     length: int
-    """The packet's whole length (the payload may be cut at the copy range)."""
-    payload: bytes
+    """The packet's whole length (its copied bytes stop at the copy range)."""
 
 
 def _align(n: int) -> int:
@@ -174,10 +173,12 @@ def parse_packet(body: memoryview) -> QueuedPacket:
     packet_id = _PACKET_HDR.unpack_from(header)[0]
     mark_attr = attrs.get(NFQA_MARK)
     mark = _BE32.unpack_from(mark_attr)[0] if mark_attr is not None and len(mark_attr) >= 4 else 0
-    payload = bytes(attrs.get(NFQA_PAYLOAD, b""))
     cap_len = attrs.get(NFQA_CAP_LEN)  # present when the payload was cut at the copy range
-    length = _BE32.unpack_from(cap_len)[0] if cap_len is not None and len(cap_len) >= 4 else len(payload)
-    return QueuedPacket(packet_id, mark, length, payload)
+    if cap_len is not None and len(cap_len) >= 4:
+        length = _BE32.unpack_from(cap_len)[0]
+    else:
+        length = len(attrs.get(NFQA_PAYLOAD, b""))
+    return QueuedPacket(packet_id, mark, length)
 
 
 def ack_error(message: bytes | memoryview, sequence: int) -> int | None:
