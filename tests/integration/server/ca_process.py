@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import ssl
 import subprocess
@@ -12,12 +13,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.serialization import pkcs7
 
 from tensorguard.server.bench import stop_server
 from tensorguard.server.ca import CAPaths
 from tensorguard.server.store import SQLiteStore
+from tests.unit.server.helpers import b64, key_pem, make_csr, p256
 
 SERVER = [sys.executable, "-m", "tensorguard.server.cli"]
+PKCS10 = {"Content-Type": "application/pkcs10"}
 
 
 @dataclass
@@ -45,6 +51,20 @@ class Server:
         out = subprocess.run([*SERVER, "token", "create", "--dir", str(self.ca_dir), "--node-id", node,
                               *extra], capture_output=True, text=True, timeout=60, check=True)
         return out.stdout.strip()
+
+    def enrol(self, node: str, directory: Path) -> tuple[Path, Path, x509.Certificate]:
+        """Enrol ``node`` with a fresh token: (certificate PEM path, key PEM path, certificate)."""
+        key = p256()
+        with self.client() as client:
+            response = client.post(f"{self.est}/simpleenroll", content=b64(make_csr(key, cn=node)),
+                                   headers={**PKCS10, "Authorization": f"Bearer {self.token(node)}"})
+        assert response.status_code == 200, response.text
+        assert response.headers["content-type"] == "application/pkcs7-mime; smime-type=certs-only"
+        (cert,) = pkcs7.load_der_pkcs7_certificates(base64.b64decode(response.content))
+        key_path, cert_path = directory / f"{node}.key", directory / f"{node}.crt"
+        key_path.write_bytes(key_pem(key))
+        cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        return cert_path, key_path, cert
 
     def client(self, cert: Path | None = None, key: Path | None = None) -> httpx.Client:
         context = ssl.create_default_context(cafile=str(self.root_cert))

@@ -28,13 +28,12 @@ from tensorguard.server.engine import select
 from tensorguard.server.policy import IssuancePolicy
 from tensorguard.server.timeutil import utc_now
 from tensorguard.server.tlsfront import find_binary
-from tests.integration.server.ca_process import SERVER, Server, running_ca
+from tests.integration.server.ca_process import PKCS10, SERVER, Server, running_ca
 from tests.unit.server.helpers import b64, key_pem, make_ca, make_csr, p256, spiffe, tamper_signature
 from tests.unit.server.test_csr_hostile import CASES as HOSTILE_CASES
 from tests.unit.server.test_csr_hostile import NODE as HOSTILE_NODE
 
 TRUST_DOMAIN = "fleet.test"
-PKCS10 = {"Content-Type": "application/pkcs10"}
 
 
 @pytest.fixture(scope="module", params=[("--tls", "openssl"), ("--http", "h11", "--loop", "asyncio", "--tls", "openssl"),
@@ -55,17 +54,6 @@ def _cert(response: httpx.Response) -> x509.Certificate:
     assert response.headers["content-type"] == "application/pkcs7-mime; smime-type=certs-only"
     (cert,) = pkcs7.load_der_pkcs7_certificates(base64.b64decode(response.content))
     return cert
-
-
-def _enrol(server: Server, node: str, tmp_path: Path) -> tuple[Path, Path, x509.Certificate]:
-    key = p256()
-    with server.client() as client:
-        cert = _cert(client.post(f"{server.est}/simpleenroll", content=b64(make_csr(key, cn=node)),
-                                 headers={**PKCS10, "Authorization": f"Bearer {server.token(node)}"}))
-    key_path, cert_path = tmp_path / f"{node}.key", tmp_path / f"{node}.crt"
-    key_path.write_bytes(key_pem(key))
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    return cert_path, key_path, cert
 
 
 def _issued(server: Server) -> int:
@@ -113,7 +101,7 @@ def test_enrol_then_replay_is_refused(server: Server, tmp_path: Path) -> None:
 
 
 def test_renew_over_mtls(server: Server, tmp_path: Path) -> None:
-    cert_path, key_path, first = _enrol(server, "robot-2", tmp_path)
+    cert_path, key_path, first = server.enrol("robot-2", tmp_path)
     with server.client(cert_path, key_path) as client:
         response = client.post(f"{server.est}/simplereenroll", content=b64(make_csr(p256())), headers=PKCS10)
     second = _cert(response)
@@ -134,7 +122,7 @@ def test_renew_without_a_client_certificate_is_refused(server: Server) -> None:
 
 
 def test_renew_for_another_node_is_refused(server: Server, tmp_path: Path) -> None:
-    cert_path, key_path, _ = _enrol(server, "robot-3", tmp_path)
+    cert_path, key_path, _ = server.enrol("robot-3", tmp_path)
     before = _issued(server)
     with server.client(cert_path, key_path) as client:
         response = client.post(f"{server.est}/simplereenroll", content=b64(make_csr(p256(), cn="robot-4")),

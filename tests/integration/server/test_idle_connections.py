@@ -9,7 +9,6 @@ worker that kept the soft limit would run out of descriptors and stop accepting.
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import resource
 import selectors
@@ -21,12 +20,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.serialization import pkcs7
 
 from tensorguard.server.tlsfront import find_binary
-from tests.integration.server.ca_process import SERVER, Server, running_ca
-from tests.unit.server.helpers import TRUST_DOMAIN, b64, key_pem, make_csr, p256
+from tests.integration.server.ca_process import PKCS10, SERVER, Server, running_ca
+from tests.unit.server.helpers import TRUST_DOMAIN, b64, make_csr, p256
 
 TIMEOUT = 4
 """Seconds, both the handshake and the idle timeout (the defaults are 10 and 30)."""
@@ -34,7 +31,6 @@ SLACK = 3.0
 """How late past its deadline a connection may be closed on a loaded machine."""
 SILENT = IDLE = 200
 SOFT_FILES = 256
-PKCS10 = {"Content-Type": "application/pkcs10"}
 
 
 @contextlib.contextmanager
@@ -62,18 +58,6 @@ def server(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Server]:
 def _address(server: Server) -> tuple[str, int]:
     host, port = server.url.removeprefix("https://").rsplit(":", 1)
     return host, int(port)
-
-
-def _enrol(server: Server, work: Path) -> tuple[Path, Path]:
-    key = p256()
-    with server.client() as client:
-        response = client.post(f"{server.est}/simpleenroll", content=b64(make_csr(key, cn="robot-i")),
-                               headers={**PKCS10, "Authorization": f"Bearer {server.token('robot-i')}"})
-    assert response.status_code == 200, response.text
-    (cert,) = pkcs7.load_der_pkcs7_certificates(base64.b64decode(response.content))
-    (work / "robot.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    (work / "robot.key").write_bytes(key_pem(key))
-    return work / "robot.crt", work / "robot.key"
 
 
 def _closed(sock: socket.socket) -> bool:
@@ -114,7 +98,7 @@ def _renew(server: Server, cert: Path, key: Path) -> float:
 
 
 def test_silent_clients_are_closed_in_time_and_do_not_hold_up_a_renewal(server: Server, tmp_path: Path) -> None:
-    cert, key = _enrol(server, tmp_path)
+    cert, key, _ = server.enrol("robot-i", tmp_path)
     address = _address(server)
     opened: dict[socket.socket, float] = {}
     try:

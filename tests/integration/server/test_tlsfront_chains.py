@@ -17,7 +17,6 @@ searching, on its only thread, after 10 s (the robot test below then timed out t
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import os
 import signal
@@ -33,14 +32,13 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.serialization import pkcs7
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from tensorguard.server.bench import _worker_pids
 from tensorguard.server.ca import CAPaths
 from tensorguard.server.timeutil import utc_now
 from tensorguard.server.tlsfront import find_binary
-from tests.integration.server.ca_process import Server, running_ca
+from tests.integration.server.ca_process import PKCS10, Server, running_ca
 from tests.unit.server.helpers import TRUST_DOMAIN, b64, key_pem, make_ca, make_csr, p256, spiffe
 
 pytestmark = pytest.mark.skipif(find_binary() is None, reason="tensorguard-tlsfront is not built (make tlsfront)")
@@ -50,7 +48,6 @@ DECOYS = 100
 ROUNDS, PER_ROUND = 4, 250
 """Handshakes of each kind: ~0.3 ms of front CPU each, ~27 10-ms ticks in all for the ordinary kind.
 utime+stime is exact CPU time truncated to ticks, so a before/after pair is off by less than 2 ticks."""
-PKCS10 = {"Content-Type": "application/pkcs10"}
 
 
 @pytest.fixture(scope="module")
@@ -128,15 +125,6 @@ def _refused(server: Server, context: ssl.SSLContext) -> str:
     return f"not refused: read {data!r}"
 
 
-def _enrolled(server: Server, work: Path) -> tuple[bytes, bytes]:
-    key = p256()
-    with server.client() as client:
-        response = client.post(f"{server.est}/simpleenroll", content=b64(make_csr(key, cn="robot-c")),
-                               headers={**PKCS10, "Authorization": f"Bearer {server.token('robot-c')}"})
-    assert response.status_code == 200, response.text
-    (cert,) = pkcs7.load_der_pkcs7_certificates(base64.b64decode(response.content))
-    return _pem(cert), key_pem(key)
-
 
 def test_a_crafted_chain_of_same_named_cas_costs_the_front_no_more_than_an_ordinary_refusal(
         server: Server, tmp_path: Path) -> None:
@@ -171,7 +159,8 @@ def test_a_crafted_chain_of_same_named_cas_costs_the_front_no_more_than_an_ordin
 
 
 def test_a_robot_is_accepted_alone_and_with_junk_after_its_certificate(server: Server, tmp_path: Path) -> None:
-    cert, key = _enrolled(server, tmp_path)
+    cert_path, key_path, _ = server.enrol("robot-c", tmp_path)
+    cert, key = cert_path.read_bytes(), key_path.read_bytes()
     junk = _pem(*_decoys(server)[:20]) + _pem(x509.load_pem_x509_certificate(server.root_cert.read_bytes()))
     for label, chain in (("alone", cert), ("junk", cert + junk)):
         context = _context(server, tmp_path, label, chain, key)
